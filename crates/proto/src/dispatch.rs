@@ -1,0 +1,349 @@
+//! Incoming packets and timers: dispatch on (state, op) to small handlers, after
+//! `virtio_transport_recv_pkt` and friends.
+
+use std::time::Instant;
+
+use zerovsock_wire::{
+    Op, Repr, SeqFlags, ShutdownFlags, SocketType, WireError, MAX_PACKET_PAYLOAD,
+};
+
+use crate::engine::Engine;
+use crate::error::SocketError;
+use crate::packet::{Packet, Payload};
+use crate::socket::{Options, Socket, SocketId, State};
+
+/// What happened to a packet handed to [`Engine::handle_packet`], for counters and tests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Disposition {
+    /// A socket took it.
+    Delivered,
+    /// Nobody wanted it; answered with RST (unless it was an RST).
+    Refused,
+    /// Not addressed to this endpoint, or meaningless here; dropped without reply.
+    Dropped,
+    /// It broke the protocol; the connection it belonged to was reset.
+    Violation,
+}
+
+impl Engine {
+    /// Handles one packet from the transport.
+    pub fn handle_packet(&mut self, now: Instant, packet: Packet) -> Disposition {
+        self.poll_completions();
+        let repr = packet.repr;
+        if repr.dst.cid != self.config.local_cid {
+            return Disposition::Dropped;
+        }
+        let Some(id) = self.lookup(&repr) else {
+            self.out.reset_reply(&repr);
+            return Disposition::Refused;
+        };
+        let Some(socket) = self.sockets.get_mut(&id) else { return Disposition::Dropped };
+        if socket.socket_type != repr.socket_type {
+            self.out.reset_reply(&repr);
+            return Disposition::Refused;
+        }
+        if socket.state != State::Listening {
+            socket.credit.update_from_peer(repr.buf_alloc, repr.fwd_cnt);
+        }
+        match socket.state {
+            State::Listening => self.on_listening(now, id, packet),
+            State::Connecting => self.on_connecting(id, &repr),
+            State::Established => self.on_established(id, packet),
+            State::Closing => self.on_closing(id, &repr),
+            State::Unconnected => {
+                self.out.reset_reply(&repr);
+                Disposition::Refused
+            }
+        }
+    }
+
+    /// Handles raw bytes of a header (for transports that carry bytes). A header that does not
+    /// parse is answered with RST when it is long enough to answer, as Linux does for an invalid
+    /// type; otherwise it is dropped.
+    pub fn handle_bytes(
+        &mut self,
+        now: Instant,
+        header: &[u8],
+        payload: Payload,
+    ) -> Result<Disposition, WireError> {
+        match Repr::parse_bytes(header) {
+            Ok(repr) => Ok(self.handle_packet(now, Packet { repr, payload })),
+            Err(error) => {
+                if let Ok(view) = zerovsock_wire::Header::new_checked(header) {
+                    if view.op() != Op::Rst as u16 {
+                        self.reset_malformed(&view);
+                    }
+                }
+                Err(error)
+            }
+        }
+    }
+
+    fn reset_malformed(&mut self, view: &zerovsock_wire::Header<&[u8]>) {
+        let (Ok(src), Ok(dst)) = (u32::try_from(view.src_cid()), u32::try_from(view.dst_cid()))
+        else {
+            return;
+        };
+        if zerovsock_wire::Cid(dst) != self.config.local_cid {
+            return;
+        }
+        let to = zerovsock_wire::Addr::new(
+            zerovsock_wire::Cid(src),
+            zerovsock_wire::Port(view.src_port()),
+        );
+        let from = zerovsock_wire::Addr::new(
+            zerovsock_wire::Cid(dst),
+            zerovsock_wire::Port(view.dst_port()),
+        );
+        // An unknown type cannot be echoed in a typed header; STREAM is the type every peer knows.
+        let rst = Repr::new(Op::Rst, SocketType::Stream, from, to);
+        self.out.transmit.push_back(Packet::control(rst));
+    }
+
+    /// The connected table first, then a listener on the port (`virtio_transport_recv_pkt`).
+    fn lookup(&self, repr: &Repr) -> Option<SocketId> {
+        if let Some(id) = self.connected.get(&(repr.dst, repr.src)) {
+            return Some(*id);
+        }
+        // Connected sockets may have been bound to CID ANY.
+        let any = zerovsock_wire::Addr::new(zerovsock_wire::Cid::ANY, repr.dst.port);
+        if let Some(id) = self.connected.get(&(any, repr.src)) {
+            return Some(*id);
+        }
+        let id = *self.bound.get(&repr.dst.port)?;
+        let socket = self.sockets.get(&id)?;
+        let cid_ok = socket
+            .local
+            .is_some_and(|l| l.cid == zerovsock_wire::Cid::ANY || l.cid == repr.dst.cid);
+        // A bound socket that is not listening only takes packets from its own peer, and those
+        // matched the connected table above (`vsock_check_source`).
+        (cid_ok && socket.state == State::Listening).then_some(id)
+    }
+
+    fn on_listening(&mut self, now: Instant, listener: SocketId, packet: Packet) -> Disposition {
+        let repr = packet.repr;
+        if repr.op != Op::Request {
+            self.out.reset_reply(&repr);
+            return Disposition::Refused;
+        }
+        let Some(parent) = self.sockets.get(&listener) else { return Disposition::Dropped };
+        let full =
+            parent.listen.as_ref().is_none_or(|l| l.pending.len() as u64 > u64::from(l.backlog));
+        let seqpacket_refused = repr.socket_type == SocketType::Seqpacket && !self.config.seqpacket;
+        let shut = !parent.shutdown.is_empty();
+        if full || seqpacket_refused || shut || self.sockets.len() >= self.config.max_sockets {
+            self.out.reset_reply(&repr);
+            return Disposition::Refused;
+        }
+        let mut options: Options = parent.options;
+        options.zerocopy = false;
+        let child = self.accept_child(repr, options);
+        let _ = now;
+        if let Some(parent) = self.sockets.get_mut(&listener) {
+            if let Some(listen) = parent.listen.as_mut() {
+                listen.pending.push_back(child);
+            }
+            self.out.wake(listener, parent);
+        }
+        if let Some(socket) = self.sockets.get_mut(&child) {
+            socket.parent = Some(listener);
+        }
+        Disposition::Delivered
+    }
+
+    /// A child straight in ESTABLISHED, answered with RESPONSE (there is no third step).
+    fn accept_child(&mut self, request: Repr, options: Options) -> SocketId {
+        let id = self.open_with(request.socket_type, options);
+        if let Some(socket) = self.sockets.get_mut(&id) {
+            socket.local = Some(request.dst);
+            socket.remote = Some(request.src);
+            socket.state = State::Established;
+            socket.credit.update_from_peer(request.buf_alloc, request.fwd_cnt);
+            self.out.send(socket, Op::Response, 0, Payload::new());
+        }
+        self.connected.insert((request.dst, request.src), id);
+        id
+    }
+
+    fn open_with(&mut self, socket_type: SocketType, options: Options) -> SocketId {
+        // `open` only fails at the socket limit, which the caller has checked.
+        let id = self.open(socket_type).unwrap_or_else(|_| unreachable!("socket limit checked"));
+        if let Some(socket) = self.sockets.get_mut(&id) {
+            *socket = Socket::new(socket_type, options, self.config.notification_limit);
+        }
+        id
+    }
+
+    fn on_connecting(&mut self, id: SocketId, repr: &Repr) -> Disposition {
+        match repr.op {
+            Op::Response => {
+                self.set_timer(id, None);
+                if let Some(socket) = self.sockets.get_mut(&id) {
+                    socket.state = State::Established;
+                    self.out.wake(id, socket);
+                }
+                Disposition::Delivered
+            }
+            Op::Invalid => Disposition::Dropped,
+            Op::Rst => {
+                self.fail_connect(id, SocketError::ConnectionReset);
+                Disposition::Delivered
+            }
+            _ => {
+                self.out.reset_reply(repr);
+                self.fail_connect(id, SocketError::Protocol);
+                Disposition::Violation
+            }
+        }
+    }
+
+    pub(crate) fn fail_connect(&mut self, id: SocketId, error: SocketError) {
+        self.set_timer(id, None);
+        let Some(socket) = self.sockets.get_mut(&id) else { return };
+        if let (Some(local), Some(remote)) = (socket.local, socket.remote) {
+            self.connected.remove(&(local, remote));
+        }
+        socket.state = State::Unconnected;
+        socket.remote = None;
+        socket.error = Some(error);
+        self.out.wake(id, socket);
+    }
+
+    fn on_established(&mut self, id: SocketId, packet: Packet) -> Disposition {
+        let repr = packet.repr;
+        match repr.op {
+            Op::Rw => self.on_data(id, packet),
+            Op::CreditRequest => {
+                if let Some(socket) = self.sockets.get_mut(&id) {
+                    self.out.send(socket, Op::CreditUpdate, 0, Payload::new());
+                }
+                Disposition::Delivered
+            }
+            Op::CreditUpdate => {
+                self.wake(id);
+                Disposition::Delivered
+            }
+            Op::Shutdown => self.on_shutdown(id, repr.shutdown_flags()),
+            Op::Rst => self.on_reset(id),
+            Op::Request | Op::Response | Op::Invalid => Disposition::Dropped,
+        }
+    }
+
+    fn on_data(&mut self, id: SocketId, packet: Packet) -> Disposition {
+        let repr = packet.repr;
+        let Some(socket) = self.sockets.get_mut(&id) else { return Disposition::Dropped };
+        let malformed = repr.len as usize != packet.payload.len() || repr.len > MAX_PACKET_PAYLOAD;
+        if malformed {
+            return self.reset_violation(id, SocketError::Protocol);
+        }
+        if socket.orphan || (repr.len == 0 && socket.socket_type == SocketType::Stream) {
+            return Disposition::Dropped;
+        }
+        let flags = match socket.socket_type {
+            SocketType::Stream => SeqFlags::empty(),
+            SocketType::Seqpacket => repr.seq_flags(),
+        };
+        if socket.rx.enqueue(&mut socket.credit, packet.payload, flags).is_err() {
+            return self.reset_violation(id, SocketError::CreditExceeded);
+        }
+        self.out.wake(id, socket);
+        Disposition::Delivered
+    }
+
+    /// The peer broke the rules: RST it and fail the connection (Linux: RST + ENOBUFS).
+    fn reset_violation(&mut self, id: SocketId, error: SocketError) -> Disposition {
+        if let Some(socket) = self.sockets.get_mut(&id) {
+            self.out.send(socket, Op::Rst, 0, Payload::new());
+            socket.error = Some(error);
+            socket.mark_done();
+            self.out.wake(id, socket);
+            if socket.orphan {
+                self.remove(id);
+            }
+        }
+        Disposition::Violation
+    }
+
+    fn on_shutdown(&mut self, id: SocketId, flags: ShutdownFlags) -> Disposition {
+        let Some(socket) = self.sockets.get_mut(&id) else { return Disposition::Dropped };
+        socket.peer_shutdown |= flags;
+        self.out.wake(id, socket);
+        if socket.peer_shutdown != ShutdownFlags::all() {
+            return Disposition::Delivered;
+        }
+        if !socket.has_unread() && !socket.done {
+            self.out.send(socket, Op::Rst, 0, Payload::new());
+            socket.mark_done();
+        }
+        if socket.orphan {
+            self.remove(id);
+        } else {
+            // The peer may reuse its port at once, even before this socket is released.
+            self.unlist(id);
+        }
+        Disposition::Delivered
+    }
+
+    fn on_reset(&mut self, id: SocketId) -> Disposition {
+        let Some(socket) = self.sockets.get_mut(&id) else { return Disposition::Dropped };
+        socket.mark_done();
+        self.out.wake(id, socket);
+        if socket.orphan {
+            self.remove(id);
+        }
+        Disposition::Delivered
+    }
+
+    fn on_closing(&mut self, id: SocketId, repr: &Repr) -> Disposition {
+        if repr.op == Op::Rst {
+            return self.on_reset(id);
+        }
+        Disposition::Dropped
+    }
+
+    /// Removes a socket from the lookup tables but keeps it for its application.
+    fn unlist(&mut self, id: SocketId) {
+        let Some(socket) = self.sockets.get_mut(&id) else { return };
+        if let (Some(local), Some(remote)) = (socket.local, socket.remote) {
+            if self.connected.get(&(local, remote)) == Some(&id) {
+                self.connected.remove(&(local, remote));
+            }
+        }
+        if let Some(local) = socket.local.filter(|_| socket.bound) {
+            if self.bound.get(&local.port) == Some(&id) {
+                self.bound.remove(&local.port);
+            }
+            socket.bound = false;
+        }
+    }
+
+    fn wake(&mut self, id: SocketId) {
+        if let Some(socket) = self.sockets.get_mut(&id) {
+            self.out.wake(id, socket);
+        }
+    }
+
+    /// Fires every timer due at `now`: connect timeouts and close timeouts.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.poll_completions();
+        while let Some(&(deadline, id)) = self.timers.first() {
+            if deadline > now {
+                break;
+            }
+            self.timers.pop_first();
+            let Some(socket) = self.sockets.get_mut(&id) else { continue };
+            socket.deadline = None;
+            match socket.state {
+                State::Connecting if !socket.orphan => self.fail_connect(id, SocketError::TimedOut),
+                _ if socket.orphan => {
+                    if !socket.done {
+                        self.out.send(socket, Op::Rst, 0, Payload::new());
+                    }
+                    self.remove(id);
+                }
+                _ => {}
+            }
+        }
+    }
+}

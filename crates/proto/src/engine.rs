@@ -1,0 +1,794 @@
+//! The engine: every socket of one endpoint, and the calls an application makes on them.
+//!
+//! Incoming packets and timers are handled in `dispatch.rs`; this file holds the
+//! application-facing half (open, bind, listen, connect, send, receive, options, close).
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use zerovsock_wire::{
+    Addr, Cid, Op, Port, Repr, SeqFlags, ShutdownFlags, SocketType, MAX_PACKET_PAYLOAD,
+};
+
+use crate::error::*;
+use crate::packet::{Packet, Payload};
+use crate::rx::RecvLease;
+use crate::socket::{Listen, Options, Socket, SocketId, State};
+use crate::zerocopy::{guard_payload, Completion, CompletionSink, DEFAULT_NOTIFICATION_LIMIT};
+
+/// `VSOCK_DEFAULT_CONNECT_TIMEOUT`.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// `VSOCK_CLOSE_TIMEOUT`: how long a closed socket waits for the peer's RST.
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(8);
+
+/// What the engine is, and what its transport can do.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// This endpoint's CID: packets are sent from it and must be addressed to it.
+    pub local_cid: Cid,
+    /// The transport supports MSG_ZEROCOPY (`msgzerocopy_allow`); EOPNOTSUPP otherwise.
+    pub zerocopy: bool,
+    /// The transport negotiated SEQPACKET.
+    pub seqpacket: bool,
+    /// Per-socket bound on outstanding plus queued zerocopy notifications.
+    pub notification_limit: u32,
+    /// Default connect timeout for new sockets.
+    pub connect_timeout: Duration,
+    /// How long a closed connection waits for the peer's RST before sending one.
+    pub close_timeout: Duration,
+    /// Upper bound on live sockets, orphans and unaccepted connections included.
+    pub max_sockets: usize,
+    /// First port tried for automatic binding.
+    pub ephemeral_start: u32,
+}
+
+impl EngineConfig {
+    /// Defaults as Linux has them, for an endpoint with CID `local_cid`.
+    pub fn new(local_cid: Cid) -> EngineConfig {
+        EngineConfig {
+            local_cid,
+            zerocopy: true,
+            seqpacket: true,
+            notification_limit: DEFAULT_NOTIFICATION_LIMIT,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            close_timeout: CLOSE_TIMEOUT,
+            max_sockets: 65_536,
+            ephemeral_start: 1 << 30,
+        }
+    }
+}
+
+/// What one send pass may do, decided by [`Engine::begin_send`].
+///
+/// The caller builds a payload of exactly [`SendGrant::len`] bytes (copying when
+/// [`SendGrant::must_copy`]) and hands it to [`Engine::finish_send`], or gives the grant back with
+/// [`Engine::abort_send`].
+#[derive(Debug, PartialEq, Eq)]
+#[must_use = "a grant holds credit until it is finished or aborted"]
+pub struct SendGrant {
+    socket: SocketId,
+    len: usize,
+    zerocopy: Option<ZerocopyPass>,
+    end_of_message: bool,
+    eor: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ZerocopyPass {
+    id: u32,
+    copied: bool,
+}
+
+impl SendGrant {
+    /// Bytes this pass sends.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the pass sends nothing (never true for a granted pass).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The payload must be a copy: either this is not a zerocopy pass, or it fell back to
+    /// copying (it will complete with COPIED).
+    pub fn must_copy(&self) -> bool {
+        self.zerocopy.is_none_or(|pass| pass.copied)
+    }
+
+    /// The completion id of this pass, when it is a zerocopy pass.
+    pub fn completion_id(&self) -> Option<u32> {
+        self.zerocopy.map(|pass| pass.id)
+    }
+}
+
+/// One send pass as the application asks for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SendRequest {
+    /// Bytes of the message not yet sent.
+    pub remaining: usize,
+    /// No byte of this message has been sent by an earlier pass (`iov_offset == 0`).
+    pub fresh: bool,
+    /// MSG_ZEROCOPY.
+    pub zerocopy: bool,
+    /// MSG_EOR (SEQPACKET).
+    pub eor: bool,
+}
+
+/// How a socket looks to `poll`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Readiness {
+    /// A read would not block (data, a message, end of stream, an error, or a pending accept).
+    pub readable: bool,
+    /// A send would not block (credit, or an error it would report).
+    pub writable: bool,
+    /// Zerocopy completions or a socket error are pending (POLLERR).
+    pub error: bool,
+    /// The connection is fully closed by the peer (POLLHUP).
+    pub hangup: bool,
+    /// The peer will send nothing more (POLLRDHUP).
+    pub read_closed: bool,
+}
+
+/// The protocol engine. See the crate documentation for the model.
+#[derive(Debug)]
+pub struct Engine {
+    pub(crate) config: EngineConfig,
+    pub(crate) sockets: HashMap<SocketId, Socket>,
+    next_socket: u64,
+    pub(crate) bound: HashMap<Port, SocketId>,
+    pub(crate) connected: HashMap<(Addr, Addr), SocketId>,
+    pub(crate) out: Outbox,
+    pub(crate) timers: BTreeSet<(Instant, SocketId)>,
+    next_ephemeral: u32,
+    pub(crate) sink: CompletionSink,
+}
+
+/// Packets to transmit and sockets to wake.
+#[derive(Debug, Default)]
+pub(crate) struct Outbox {
+    pub(crate) transmit: VecDeque<Packet>,
+    pub(crate) wakeups: Vec<SocketId>,
+}
+
+impl Outbox {
+    /// Sends a packet from `socket`, stamped with its credit (`virtio_transport_inc_tx_pkt`).
+    pub(crate) fn send(&mut self, socket: &mut Socket, op: Op, flags: u32, payload: Payload) {
+        let (Some(local), Some(remote)) = (socket.local, socket.remote) else { return };
+        let (buf_alloc, fwd_cnt) = socket.credit.stamp();
+        let repr =
+            Repr { flags, buf_alloc, fwd_cnt, ..Repr::new(op, socket.socket_type, local, remote) };
+        self.transmit.push_back(Packet::data(repr, payload));
+    }
+
+    /// RST in answer to a packet no socket wants (`virtio_transport_reset_no_sock`).
+    pub(crate) fn reset_reply(&mut self, to: &Repr) {
+        if to.op != Op::Rst {
+            self.transmit.push_back(Packet::control(to.reply(Op::Rst)));
+        }
+    }
+
+    pub(crate) fn wake(&mut self, id: SocketId, socket: &mut Socket) {
+        if !socket.wake_queued {
+            socket.wake_queued = true;
+            self.wakeups.push(id);
+        }
+    }
+}
+
+macro_rules! socket_mut {
+    ($self:ident, $id:expr, $err:expr) => {
+        $self.sockets.get_mut(&$id).filter(|s| !s.orphan).ok_or($err)?
+    };
+}
+
+macro_rules! socket_ref {
+    ($self:ident, $id:expr, $err:expr) => {
+        $self.sockets.get(&$id).filter(|s| !s.orphan).ok_or($err)?
+    };
+}
+
+impl Engine {
+    /// An engine with no sockets.
+    pub fn new(config: EngineConfig) -> Engine {
+        Engine {
+            next_ephemeral: config.ephemeral_start,
+            config,
+            sockets: HashMap::new(),
+            next_socket: 0,
+            bound: HashMap::new(),
+            connected: HashMap::new(),
+            out: Outbox::default(),
+            timers: BTreeSet::new(),
+            sink: CompletionSink::default(),
+        }
+    }
+
+    /// The configuration the engine was built with.
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    /// Live sockets, orphans included.
+    pub fn socket_count(&self) -> usize {
+        self.sockets.len()
+    }
+
+    /// Creates an unbound socket.
+    pub fn open(&mut self, socket_type: SocketType) -> Result<SocketId, OpenError> {
+        if self.sockets.len() >= self.config.max_sockets {
+            return Err(OpenError::TooManySockets);
+        }
+        let id = SocketId(self.next_socket);
+        self.next_socket += 1;
+        let options = Options::new(self.config.connect_timeout);
+        self.sockets.insert(id, Socket::new(socket_type, options, self.config.notification_limit));
+        Ok(id)
+    }
+
+    /// Binds to `addr`. The CID must be [`Cid::ANY`] or this engine's; [`Port::ANY`] picks a
+    /// free port. Returns the bound address.
+    pub fn bind(&mut self, id: SocketId, addr: Addr) -> Result<Addr, BindError> {
+        let socket = socket_ref!(self, id, BindError::UnknownSocket);
+        if socket.local.is_some() {
+            return Err(BindError::AlreadyBound);
+        }
+        if addr.cid != Cid::ANY && addr.cid != self.config.local_cid {
+            return Err(BindError::AddrNotAvailable);
+        }
+        let port = if addr.port == Port::ANY {
+            self.ephemeral_port().ok_or(BindError::AddrNotAvailable)?
+        } else if self.bound.contains_key(&addr.port) {
+            return Err(BindError::AddrInUse);
+        } else {
+            addr.port
+        };
+        let local = Addr::new(addr.cid, port);
+        self.bound.insert(port, id);
+        let socket = socket_mut!(self, id, BindError::UnknownSocket);
+        socket.local = Some(local);
+        socket.bound = true;
+        Ok(local)
+    }
+
+    /// `__vsock_bind_connectible`: a counter above the reserved ports, 24 tries.
+    fn ephemeral_port(&mut self) -> Option<Port> {
+        for _ in 0..24 {
+            let port = Port(self.next_ephemeral);
+            self.next_ephemeral = self.next_ephemeral.wrapping_add(1);
+            if self.next_ephemeral == u32::MAX || self.next_ephemeral <= 1023 {
+                self.next_ephemeral = 1024;
+            }
+            if !self.bound.contains_key(&port) {
+                return Some(port);
+            }
+        }
+        None
+    }
+
+    /// Starts listening with room for `backlog` pending connections.
+    pub fn listen(&mut self, id: SocketId, backlog: u32) -> Result<(), ListenError> {
+        let socket = socket_mut!(self, id, ListenError::UnknownSocket);
+        match socket.state {
+            State::Unconnected if socket.bound => {}
+            State::Listening => {}
+            _ => return Err(ListenError::InvalidState),
+        }
+        socket.state = State::Listening;
+        socket.listen.get_or_insert_with(Listen::default).backlog = backlog;
+        Ok(())
+    }
+
+    /// Takes the oldest connection a listener has accepted.
+    pub fn accept(&mut self, id: SocketId) -> Result<SocketId, AcceptError> {
+        let socket = socket_mut!(self, id, AcceptError::UnknownSocket);
+        let listen = socket.listen.as_mut().filter(|_| socket.state == State::Listening);
+        let child = listen.ok_or(AcceptError::NotListening)?.pending.pop_front();
+        let child = child.ok_or(AcceptError::WouldBlock)?;
+        if let Some(socket) = self.sockets.get_mut(&child) {
+            socket.parent = None;
+        }
+        Ok(child)
+    }
+
+    /// Sends REQUEST to `remote`. The outcome arrives later: see [`Engine::connect_result`].
+    pub fn connect(
+        &mut self,
+        now: Instant,
+        id: SocketId,
+        remote: Addr,
+    ) -> Result<(), ConnectError> {
+        if remote.cid == Cid::ANY || remote.port == Port::ANY {
+            return Err(ConnectError::InvalidAddress);
+        }
+        let socket = socket_mut!(self, id, ConnectError::UnknownSocket);
+        match socket.state {
+            State::Unconnected => {}
+            State::Connecting => return Err(ConnectError::InProgress),
+            State::Established | State::Closing => return Err(ConnectError::AlreadyConnected),
+            State::Listening => return Err(ConnectError::InvalidState),
+        }
+        if socket.options.zerocopy && !self.config.zerocopy {
+            return Err(ConnectError::ZerocopyUnsupported);
+        }
+        if socket.socket_type == SocketType::Seqpacket && !self.config.seqpacket {
+            return Err(ConnectError::SeqpacketUnsupported);
+        }
+        if socket.local.is_none() {
+            self.bind(id, Addr::new(Cid::ANY, Port::ANY))
+                .map_err(|_| ConnectError::AddrNotAvailable)?;
+        }
+        let local_cid = self.config.local_cid;
+        let socket = socket_mut!(self, id, ConnectError::UnknownSocket);
+        let local = socket.local.map(|a| Addr::new(local_cid, a.port));
+        let local = local.ok_or(ConnectError::AddrNotAvailable)?;
+        if self.connected.contains_key(&(local, remote)) {
+            return Err(ConnectError::AddrNotAvailable);
+        }
+        socket.local = Some(local);
+        socket.remote = Some(remote);
+        socket.state = State::Connecting;
+        socket.error = None;
+        socket.done = false;
+        socket.peer_shutdown = ShutdownFlags::empty();
+        socket.shutdown = ShutdownFlags::empty();
+        let deadline = now + socket.options.connect_timeout;
+        self.out.send(socket, Op::Request, 0, Payload::new());
+        self.connected.insert((local, remote), id);
+        self.set_timer(id, Some(deadline));
+        Ok(())
+    }
+
+    /// `Ok(true)` once connected, `Ok(false)` while pending, the failure otherwise (reported
+    /// once, as `SO_ERROR` is).
+    pub fn connect_result(&mut self, id: SocketId) -> Result<bool, ConnectError> {
+        let socket = socket_mut!(self, id, ConnectError::UnknownSocket);
+        match socket.state {
+            State::Connecting => Ok(false),
+            State::Established | State::Closing => Ok(true),
+            _ => match socket.error.take() {
+                Some(error) => Err(ConnectError::Failed(error)),
+                None => Err(ConnectError::InvalidState),
+            },
+        }
+    }
+
+    /// Shuts down one or both directions; tells the peer with SHUTDOWN.
+    pub fn shutdown(&mut self, id: SocketId, how: ShutdownFlags) -> Result<(), ShutdownError> {
+        let socket = socket_mut!(self, id, ShutdownError::UnknownSocket);
+        if !matches!(socket.state, State::Established | State::Closing | State::Connecting) {
+            return Err(ShutdownError::NotConnected);
+        }
+        socket.shutdown |= how;
+        if socket.state == State::Established && !socket.done {
+            self.out.send(socket, Op::Shutdown, how.bits(), Payload::new());
+        }
+        self.out.wake(id, socket);
+        Ok(())
+    }
+
+    /// The application is done with the socket (`close()`). Connections close gracefully in
+    /// the background: SHUTDOWN now, and RST when the peer answers or the close timeout passes.
+    pub fn close(&mut self, now: Instant, id: SocketId) {
+        let Some(socket) = self.sockets.get_mut(&id).filter(|s| !s.orphan) else { return };
+        match socket.state {
+            State::Listening => self.close_listener(id),
+            State::Established | State::Closing if !socket.done => {
+                if socket.peer_shutdown == ShutdownFlags::all() {
+                    self.out.send(socket, Op::Rst, 0, Payload::new());
+                    self.remove(id);
+                    return;
+                }
+                if socket.shutdown.is_empty() {
+                    self.out.send(
+                        socket,
+                        Op::Shutdown,
+                        ShutdownFlags::all().bits(),
+                        Payload::new(),
+                    );
+                }
+                socket.shutdown = ShutdownFlags::all();
+                socket.orphan = true;
+                socket.rx = Default::default();
+                let deadline = now + self.config.close_timeout;
+                self.set_timer(id, Some(deadline));
+            }
+            _ => self.remove(id),
+        }
+    }
+
+    fn close_listener(&mut self, id: SocketId) {
+        let pending = self.sockets.get_mut(&id).and_then(|s| s.listen.take()).unwrap_or_default();
+        for child in pending.pending {
+            if let Some(socket) = self.sockets.get_mut(&child) {
+                self.out.send(socket, Op::Rst, 0, Payload::new());
+            }
+            self.remove(child);
+        }
+        self.remove(id);
+    }
+
+    /// Forgets a socket entirely: tables, timer, and any completions still to come.
+    pub(crate) fn remove(&mut self, id: SocketId) {
+        let Some(socket) = self.sockets.remove(&id) else { return };
+        if let (Some(local), Some(remote)) = (socket.local, socket.remote) {
+            if self.connected.get(&(local, remote)) == Some(&id) {
+                self.connected.remove(&(local, remote));
+            }
+        }
+        if let Some(local) = socket.local.filter(|_| socket.bound) {
+            if self.bound.get(&local.port) == Some(&id) {
+                self.bound.remove(&local.port);
+            }
+        }
+        if let Some(deadline) = socket.deadline {
+            self.timers.remove(&(deadline, id));
+        }
+        if let Some(parent) = socket.parent.and_then(|p| self.sockets.get_mut(&p)) {
+            if let Some(listen) = parent.listen.as_mut() {
+                listen.pending.retain(|c| *c != id);
+            }
+        }
+    }
+
+    pub(crate) fn set_timer(&mut self, id: SocketId, deadline: Option<Instant>) {
+        let Some(socket) = self.sockets.get_mut(&id) else { return };
+        if let Some(old) = socket.deadline.take() {
+            self.timers.remove(&(old, id));
+        }
+        if let Some(deadline) = deadline {
+            socket.deadline = Some(deadline);
+            self.timers.insert((deadline, id));
+        }
+    }
+
+    /// Bytes a send could take right now.
+    pub fn send_space(&self, id: SocketId) -> usize {
+        self.sockets.get(&id).map_or(0, |s| s.credit.send_space() as usize)
+    }
+
+    /// Decides one transport send pass (`virtio_transport_send_pkt_info`, steps 1-4): reserves
+    /// credit, and for a zerocopy pass takes the next completion id and decides COPIED.
+    pub fn begin_send(
+        &mut self,
+        id: SocketId,
+        request: SendRequest,
+    ) -> Result<SendGrant, SendError> {
+        let config_zerocopy = self.config.zerocopy;
+        let socket = socket_mut!(self, id, SendError::UnknownSocket);
+        if request.zerocopy && !config_zerocopy {
+            return Err(SendError::ZerocopyUnsupported);
+        }
+        if let Some(error) = socket.send_blocked_by() {
+            return Err(error);
+        }
+        let seqpacket = socket.socket_type == SocketType::Seqpacket;
+        if seqpacket && request.fresh && request.remaining > socket.credit.message_limit() as usize
+        {
+            return Err(SendError::MessageTooLong);
+        }
+        let want = u32::try_from(request.remaining).unwrap_or(u32::MAX);
+        let granted = socket.credit.reserve(want);
+        if granted == 0 && request.remaining > 0 {
+            return Err(SendError::WouldBlock);
+        }
+        let zerocopy = if request.zerocopy && socket.options.zerocopy {
+            let Ok(pass_id) = socket.ledger.allocate() else {
+                socket.credit.unreserve(granted);
+                return Err(SendError::NotificationBudget);
+            };
+            let whole = request.fresh && request.remaining <= granted as usize;
+            Some(ZerocopyPass { id: pass_id, copied: !whole })
+        } else {
+            None
+        };
+        Ok(SendGrant {
+            socket: id,
+            len: granted as usize,
+            zerocopy,
+            end_of_message: seqpacket && granted as usize == request.remaining,
+            eor: request.eor,
+        })
+    }
+
+    /// Gives a grant back unsent: credit returns and a zerocopy id is reused.
+    pub fn abort_send(&mut self, grant: SendGrant) {
+        if let Some(socket) = self.sockets.get_mut(&grant.socket) {
+            socket.credit.unreserve(grant.len as u32);
+            if let Some(pass) = grant.zerocopy {
+                socket.ledger.abort(pass.id);
+            }
+        }
+    }
+
+    /// Sends the pass's payload as RW packets of at most 64 KiB (`virtio_transport_send_pkt_info`,
+    /// step 5). `payload` must hold exactly `grant.len()` bytes.
+    pub fn finish_send(&mut self, grant: SendGrant, payload: Payload) -> Result<usize, SendError> {
+        assert_eq!(payload.len(), grant.len, "payload does not match its grant");
+        let Some(socket) = self.sockets.get_mut(&grant.socket).filter(|s| !s.orphan) else {
+            return Err(SendError::UnknownSocket);
+        };
+        if let Some(error) = socket.send_blocked_by() {
+            self.abort_send(grant);
+            return Err(error);
+        }
+        let payload = match grant.zerocopy {
+            Some(pass) => guard_payload(&self.sink, grant.socket, pass.id, pass.copied, payload),
+            None => payload,
+        };
+        let mut offset = 0;
+        while offset < grant.len || grant.len == 0 {
+            let chunk = (grant.len - offset).min(MAX_PACKET_PAYLOAD as usize);
+            let last = offset + chunk == grant.len;
+            let mut flags = SeqFlags::empty();
+            if last && grant.end_of_message {
+                flags |= SeqFlags::EOM;
+                if grant.eor {
+                    flags |= SeqFlags::EOR;
+                }
+            }
+            self.out.send(socket, Op::Rw, flags.bits(), payload.slice(offset, chunk));
+            offset += chunk;
+            if grant.len == 0 {
+                break;
+            }
+        }
+        Ok(grant.len)
+    }
+
+    /// Describes what a read of up to `max` bytes returns, without consuming it. An empty lease
+    /// is end of stream. Commit it with [`Engine::commit_recv`] unless peeking.
+    pub fn recv(&mut self, id: SocketId, max: usize) -> Result<RecvLease, RecvError> {
+        let socket = socket_mut!(self, id, RecvError::UnknownSocket);
+        let end_of_stream = RecvLease {
+            data: Payload::new(),
+            consume: 0,
+            message_len: 0,
+            eor: false,
+            position: 0,
+            message: false,
+        };
+        if socket.shutdown.contains(ShutdownFlags::RECEIVE) {
+            return Ok(end_of_stream);
+        }
+        let lease = match socket.socket_type {
+            SocketType::Stream => Some(socket.rx.lease_stream(max)).filter(|l| !l.is_empty()),
+            SocketType::Seqpacket => socket.rx.lease_message(max),
+        };
+        if let Some(lease) = lease {
+            return Ok(lease);
+        }
+        if let Some(error) = socket.error.take() {
+            return Err(RecvError::Failed(error));
+        }
+        if socket.done || socket.peer_shutdown.contains(ShutdownFlags::SEND) {
+            return Ok(end_of_stream);
+        }
+        match socket.state {
+            State::Established => Err(RecvError::WouldBlock),
+            _ => Err(RecvError::NotConnected),
+        }
+    }
+
+    /// Consumes a lease from [`Engine::recv`] and sends CREDIT_UPDATE where Linux would.
+    pub fn commit_recv(&mut self, id: SocketId, lease: RecvLease) {
+        let Some(socket) = self.sockets.get_mut(&id).filter(|s| !s.orphan) else { return };
+        if lease.consume == 0 && !lease.message {
+            return;
+        }
+        if !socket.rx.commit(&mut socket.credit, &lease) {
+            return;
+        }
+        drop(lease);
+        let update = match socket.socket_type {
+            SocketType::Stream => {
+                socket.credit.update_due_after_stream_read(socket.options.rcvlowat)
+            }
+            SocketType::Seqpacket => true,
+        };
+        if update && socket.state == State::Established && !socket.done {
+            self.out.send(socket, Op::CreditUpdate, 0, Payload::new());
+        }
+        if socket.done && !socket.has_unread() {
+            socket.state = State::Closing;
+        }
+        self.poll_completions();
+    }
+
+    /// Enables or disables SO_ZEROCOPY. Refused with `Unsupported` once the socket is tied to
+    /// a transport without zerocopy (a connected or listening socket).
+    pub fn set_zerocopy(&mut self, id: SocketId, enabled: bool) -> Result<(), OptionError> {
+        let zerocopy = self.config.zerocopy;
+        let socket = socket_mut!(self, id, OptionError::UnknownSocket);
+        if !zerocopy && socket.state != State::Unconnected {
+            return Err(OptionError::Unsupported);
+        }
+        socket.options.zerocopy = enabled;
+        Ok(())
+    }
+
+    /// SO_ZEROCOPY.
+    pub fn zerocopy(&self, id: SocketId) -> Result<bool, OptionError> {
+        Ok(socket_ref!(self, id, OptionError::UnknownSocket).options.zerocopy)
+    }
+
+    /// The id the next zerocopy pass of this socket will take.
+    pub fn next_completion_id(&self, id: SocketId) -> Option<u32> {
+        self.sockets.get(&id).map(|s| s.ledger.next_id())
+    }
+
+    /// Sets the per-socket notification budget (Linux's optmem share).
+    pub fn set_notification_limit(&mut self, id: SocketId, limit: u32) -> Result<(), OptionError> {
+        socket_mut!(self, id, OptionError::UnknownSocket).ledger.set_limit(limit);
+        Ok(())
+    }
+
+    /// Takes the oldest zerocopy completion (`recvmsg(MSG_ERRQUEUE)`); `None` is EAGAIN.
+    pub fn recv_completion(&mut self, id: SocketId) -> Result<Option<Completion>, OptionError> {
+        self.poll_completions();
+        Ok(socket_mut!(self, id, OptionError::UnknownSocket).ledger.pop())
+    }
+
+    /// SO_VM_SOCKETS_BUFFER_SIZE; clamped into `[min, max]`. Tells the peer when it changes.
+    pub fn set_buffer_size(&mut self, id: SocketId, size: u64) -> Result<u64, OptionError> {
+        self.update_buffer(id, |o| o.buffer_size = size)
+    }
+
+    /// SO_VM_SOCKETS_BUFFER_MIN_SIZE.
+    pub fn set_buffer_min_size(&mut self, id: SocketId, size: u64) -> Result<u64, OptionError> {
+        self.update_buffer(id, |o| o.buffer_min = size)
+    }
+
+    /// SO_VM_SOCKETS_BUFFER_MAX_SIZE.
+    pub fn set_buffer_max_size(&mut self, id: SocketId, size: u64) -> Result<u64, OptionError> {
+        self.update_buffer(id, |o| o.buffer_max = size)
+    }
+
+    fn update_buffer(
+        &mut self,
+        id: SocketId,
+        change: impl FnOnce(&mut Options),
+    ) -> Result<u64, OptionError> {
+        let socket = socket_mut!(self, id, OptionError::UnknownSocket);
+        change(&mut socket.options);
+        let buf_alloc = socket.options.clamp_buffer_size();
+        if buf_alloc != socket.credit.buf_alloc {
+            socket.credit.buf_alloc = buf_alloc;
+            if socket.state == State::Established && !socket.done {
+                self.out.send(socket, Op::CreditUpdate, 0, Payload::new());
+            }
+        }
+        Ok(socket.options.buffer_size)
+    }
+
+    /// The buffer size as (size, min, max).
+    pub fn buffer_sizes(&self, id: SocketId) -> Result<(u64, u64, u64), OptionError> {
+        let o = socket_ref!(self, id, OptionError::UnknownSocket).options;
+        Ok((o.buffer_size, o.buffer_min, o.buffer_max))
+    }
+
+    /// SO_VM_SOCKETS_CONNECT_TIMEOUT.
+    pub fn set_connect_timeout(
+        &mut self,
+        id: SocketId,
+        timeout: Duration,
+    ) -> Result<(), OptionError> {
+        if timeout.is_zero() {
+            return Err(OptionError::InvalidValue);
+        }
+        socket_mut!(self, id, OptionError::UnknownSocket).options.connect_timeout = timeout;
+        Ok(())
+    }
+
+    /// SO_RCVLOWAT; above the buffer size is EINVAL. May send a credit update.
+    pub fn set_rcvlowat(&mut self, id: SocketId, bytes: u32) -> Result<(), OptionError> {
+        let socket = socket_mut!(self, id, OptionError::UnknownSocket);
+        if u64::from(bytes) > socket.options.buffer_size {
+            return Err(OptionError::InvalidValue);
+        }
+        socket.options.rcvlowat = bytes.max(1);
+        if socket.state == State::Established
+            && socket.credit.update_due_for_rcvlowat(socket.options.rcvlowat)
+        {
+            self.out.send(socket, Op::CreditUpdate, 0, Payload::new());
+        }
+        Ok(())
+    }
+
+    /// SO_RCVLOWAT.
+    pub fn rcvlowat(&self, id: SocketId) -> Result<u32, OptionError> {
+        Ok(socket_ref!(self, id, OptionError::UnknownSocket).options.rcvlowat)
+    }
+
+    /// The socket's state.
+    pub fn state(&self, id: SocketId) -> Option<State> {
+        self.sockets.get(&id).filter(|s| !s.orphan).map(|s| s.state)
+    }
+
+    /// The socket's type.
+    pub fn socket_type(&self, id: SocketId) -> Option<SocketType> {
+        self.sockets.get(&id).map(|s| s.socket_type)
+    }
+
+    /// The local address, once bound.
+    pub fn local_addr(&self, id: SocketId) -> Option<Addr> {
+        self.sockets.get(&id).and_then(|s| s.local)
+    }
+
+    /// The peer's address, once connecting or connected.
+    pub fn peer_addr(&self, id: SocketId) -> Option<Addr> {
+        self.sockets.get(&id).and_then(|s| s.remote)
+    }
+
+    /// Unread bytes (SIOCINQ).
+    pub fn unread_bytes(&self, id: SocketId) -> usize {
+        self.sockets.get(&id).map_or(0, |s| s.credit.rx_bytes as usize)
+    }
+
+    /// What `poll` would report.
+    pub fn readiness(&self, id: SocketId) -> Readiness {
+        let Some(socket) = self.sockets.get(&id).filter(|s| !s.orphan) else {
+            return Readiness {
+                readable: true,
+                writable: true,
+                error: true,
+                hangup: true,
+                read_closed: true,
+            };
+        };
+        let peer_gone = socket.done || socket.peer_shutdown.contains(ShutdownFlags::SEND);
+        let readable = match socket.state {
+            State::Listening => socket.listen.as_ref().is_some_and(|l| !l.pending.is_empty()),
+            _ => {
+                socket.has_unread()
+                    || peer_gone
+                    || socket.error.is_some()
+                    || socket.shutdown.contains(ShutdownFlags::RECEIVE)
+            }
+        };
+        let writable = match socket.send_blocked_by() {
+            Some(_) => socket.state != State::Connecting && socket.state != State::Listening,
+            None => socket.credit.send_space() > 0,
+        };
+        Readiness {
+            readable,
+            writable,
+            error: socket.error.is_some() || socket.ledger.has_pending(),
+            hangup: socket.peer_shutdown == ShutdownFlags::all()
+                || (socket.shutdown == ShutdownFlags::all() && socket.state != State::Unconnected),
+            read_closed: peer_gone,
+        }
+    }
+
+    /// The next packet to hand to the transport.
+    pub fn poll_transmit(&mut self) -> Option<Packet> {
+        self.out.transmit.pop_front()
+    }
+
+    /// The next socket whose readiness may have changed.
+    pub fn poll_wakeup(&mut self) -> Option<SocketId> {
+        self.poll_completions();
+        let id = self.out.wakeups.pop()?;
+        if let Some(socket) = self.sockets.get_mut(&id) {
+            socket.wake_queued = false;
+        }
+        Some(id)
+    }
+
+    /// When [`Engine::handle_timeout`] should next be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.timers.first().map(|(deadline, _)| *deadline)
+    }
+
+    /// Moves completions reported by dropped payloads onto their sockets' error queues.
+    pub fn poll_completions(&mut self) {
+        if self.sink.is_empty() {
+            return;
+        }
+        for (id, pass, copied) in self.sink.drain() {
+            let Some(socket) = self.sockets.get_mut(&id).filter(|s| !s.orphan) else { continue };
+            socket.ledger.complete(pass, copied);
+            self.out.wake(id, socket);
+        }
+    }
+}

@@ -1,0 +1,167 @@
+//! One socket's state inside the engine.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use zerovsock_wire::{
+    Addr, ShutdownFlags, SocketType, DEFAULT_BUFFER_MAX_SIZE, DEFAULT_BUFFER_MIN_SIZE,
+    DEFAULT_BUFFER_SIZE, MAX_BUFFER_SIZE,
+};
+
+use crate::credit::Credit;
+use crate::error::SocketError;
+use crate::rx::RxQueue;
+use crate::zerocopy::Ledger;
+
+/// Identifies a socket inside one [`Engine`](crate::Engine). Never reused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SocketId(pub(crate) u64);
+
+impl fmt::Display for SocketId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "#{}", self.0)
+    }
+}
+
+/// Connection states, named after Linux's (`sk_state`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum State {
+    /// Created or bound; not connected (`TCP_CLOSE`).
+    Unconnected,
+    /// Accepting REQUESTs (`TCP_LISTEN`).
+    Listening,
+    /// REQUEST sent, waiting for RESPONSE (`TCP_SYN_SENT`).
+    Connecting,
+    /// Connected (`TCP_ESTABLISHED`).
+    Established,
+    /// The peer is gone and no unread data remains (`TCP_CLOSING`).
+    Closing,
+}
+
+/// Per-socket options.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Options {
+    pub(crate) buffer_size: u64,
+    pub(crate) buffer_min: u64,
+    pub(crate) buffer_max: u64,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) rcvlowat: u32,
+    pub(crate) zerocopy: bool,
+}
+
+impl Options {
+    pub(crate) fn new(connect_timeout: Duration) -> Options {
+        Options {
+            buffer_size: DEFAULT_BUFFER_SIZE,
+            buffer_min: DEFAULT_BUFFER_MIN_SIZE,
+            buffer_max: DEFAULT_BUFFER_MAX_SIZE,
+            connect_timeout,
+            rcvlowat: 1,
+            zerocopy: false,
+        }
+    }
+
+    /// `vsock_update_buffer_size`: clamp into `[min, max]` and into the wire's `u32`.
+    pub(crate) fn clamp_buffer_size(&mut self) -> u32 {
+        self.buffer_size =
+            self.buffer_size.clamp(self.buffer_min, self.buffer_max.max(self.buffer_min));
+        self.buffer_size = self.buffer_size.min(MAX_BUFFER_SIZE);
+        u32::try_from(self.buffer_size).unwrap_or(u32::MAX)
+    }
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Listen {
+    pub(crate) backlog: u32,
+    pub(crate) pending: VecDeque<crate::SocketId>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Socket {
+    pub(crate) socket_type: SocketType,
+    pub(crate) state: State,
+    pub(crate) local: Option<Addr>,
+    pub(crate) remote: Option<Addr>,
+    /// Holds an entry in the bound table under `local.port`.
+    pub(crate) bound: bool,
+    pub(crate) options: Options,
+    pub(crate) credit: Credit,
+    pub(crate) rx: RxQueue,
+    pub(crate) shutdown: ShutdownFlags,
+    pub(crate) peer_shutdown: ShutdownFlags,
+    /// The peer reset or fully closed (`SOCK_DONE`).
+    pub(crate) done: bool,
+    pub(crate) error: Option<SocketError>,
+    /// The application closed it; the engine finishes the close on its own.
+    pub(crate) orphan: bool,
+    pub(crate) listen: Option<Listen>,
+    /// A connection not yet accepted belongs to this listener.
+    pub(crate) parent: Option<SocketId>,
+    pub(crate) ledger: Ledger,
+    pub(crate) deadline: Option<Instant>,
+    pub(crate) wake_queued: bool,
+}
+
+impl Socket {
+    pub(crate) fn new(
+        socket_type: SocketType,
+        options: Options,
+        notification_limit: u32,
+    ) -> Socket {
+        let mut options = options;
+        let buf_alloc = options.clamp_buffer_size();
+        Socket {
+            socket_type,
+            state: State::Unconnected,
+            local: None,
+            remote: None,
+            bound: false,
+            options,
+            credit: Credit::new(buf_alloc),
+            rx: RxQueue::default(),
+            shutdown: ShutdownFlags::empty(),
+            peer_shutdown: ShutdownFlags::empty(),
+            done: false,
+            error: None,
+            orphan: false,
+            listen: None,
+            parent: None,
+            ledger: Ledger::new(notification_limit),
+            deadline: None,
+            wake_queued: false,
+        }
+    }
+
+    pub(crate) fn has_unread(&self) -> bool {
+        match self.socket_type {
+            SocketType::Stream => self.rx.has_data(),
+            SocketType::Seqpacket => self.rx.has_message(),
+        }
+    }
+
+    /// Whether this side may send now, ignoring credit (EPIPE / ENOTCONN otherwise).
+    pub(crate) fn send_blocked_by(&self) -> Option<crate::SendError> {
+        if self.shutdown.contains(ShutdownFlags::SEND)
+            || self.peer_shutdown.contains(ShutdownFlags::RECEIVE)
+        {
+            return Some(crate::SendError::BrokenPipe);
+        }
+        if let Some(error) = self.error {
+            return Some(crate::SendError::Failed(error));
+        }
+        if self.state != State::Established {
+            return Some(crate::SendError::NotConnected);
+        }
+        None
+    }
+
+    /// `virtio_transport_do_close`: the peer is gone.
+    pub(crate) fn mark_done(&mut self) {
+        self.done = true;
+        self.peer_shutdown = ShutdownFlags::all();
+        if !self.has_unread() {
+            self.state = State::Closing;
+        }
+    }
+}
