@@ -1,1 +1,492 @@
+//! Protocol transcripts: the engine plays the host (CID 2); the tests play a guest (CID 3) by
+//! writing its packets by hand and reading what the engine answers. One rule per test.
 
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use zerovsock_wire::{Addr, Cid, Op, Port, Repr, SeqFlags, ShutdownFlags, SocketType};
+
+use crate::*;
+
+const HOST: Cid = Cid(2);
+const GUEST: Cid = Cid(3);
+const LISTEN_PORT: Port = Port(1234);
+const GUEST_PORT: Port = Port(5000);
+const BUF: u32 = 256 * 1024;
+
+struct Host {
+    engine: Engine,
+    now: Instant,
+}
+
+impl Host {
+    fn new() -> Host {
+        Host::with(EngineConfig::new(HOST))
+    }
+
+    fn with(config: EngineConfig) -> Host {
+        Host { engine: Engine::new(config), now: Instant::now() }
+    }
+
+    fn listener(&mut self, socket_type: SocketType, backlog: u32) -> SocketId {
+        let id = self.engine.open(socket_type).unwrap();
+        self.engine.bind(id, Addr::new(Cid::ANY, LISTEN_PORT)).unwrap();
+        self.engine.listen(id, backlog).unwrap();
+        id
+    }
+
+    fn deliver(&mut self, repr: Repr, payload: &[u8]) -> Disposition {
+        let packet = Packet::data(repr, Payload::from(payload.to_vec()));
+        self.engine.handle_packet(self.now, packet)
+    }
+
+    fn sent(&mut self) -> Vec<Packet> {
+        std::iter::from_fn(|| self.engine.poll_transmit()).collect()
+    }
+
+    fn ops(&mut self) -> Vec<Op> {
+        self.sent().iter().map(|p| p.repr.op).collect()
+    }
+
+    fn advance(&mut self, by: Duration) {
+        self.now += by;
+        self.engine.handle_timeout(self.now);
+    }
+
+    /// A connection accepted from the guest's port `GUEST_PORT`.
+    fn established(&mut self, socket_type: SocketType) -> SocketId {
+        let listener = self.listener(socket_type, 8);
+        self.deliver(guest(Op::Request, socket_type), &[]);
+        self.sent();
+        self.engine.accept(listener).unwrap()
+    }
+
+    fn send(&mut self, id: SocketId, data: &[u8], zerocopy: bool) -> Result<SendGrant, SendError> {
+        let request = SendRequest { remaining: data.len(), fresh: true, zerocopy, eor: false };
+        self.engine.begin_send(id, request)
+    }
+}
+
+/// A packet from the guest to the host listener's port, with a full credit window.
+fn guest(op: Op, socket_type: SocketType) -> Repr {
+    Repr {
+        buf_alloc: BUF,
+        ..Repr::new(op, socket_type, Addr::new(GUEST, GUEST_PORT), Addr::new(HOST, LISTEN_PORT))
+    }
+}
+
+fn stream(op: Op) -> Repr {
+    guest(op, SocketType::Stream)
+}
+
+#[test]
+fn rst_for_unknown_port() {
+    let mut host = Host::new();
+    assert_eq!(host.deliver(stream(Op::Request), &[]), Disposition::Refused);
+    let sent = host.sent();
+    assert_eq!(sent.len(), 1);
+    let rst = sent[0].repr;
+    assert_eq!((rst.op, rst.src, rst.dst), (Op::Rst, stream(Op::Rst).dst, stream(Op::Rst).src));
+    assert_eq!((rst.buf_alloc, rst.fwd_cnt, rst.len), (0, 0, 0));
+}
+
+#[test]
+fn never_rst_in_reply_to_rst() {
+    let mut host = Host::new();
+    host.deliver(stream(Op::Rst), &[]);
+    assert!(host.sent().is_empty());
+}
+
+#[test]
+fn rst_when_bound_but_not_listening() {
+    let mut host = Host::new();
+    let id = host.engine.open(SocketType::Stream).unwrap();
+    host.engine.bind(id, Addr::new(Cid::ANY, LISTEN_PORT)).unwrap();
+    host.deliver(stream(Op::Request), &[]);
+    assert_eq!(host.ops(), [Op::Rst]);
+}
+
+#[test]
+fn rst_when_backlog_full() {
+    let mut host = Host::new();
+    host.listener(SocketType::Stream, 0);
+    host.deliver(stream(Op::Request), &[]);
+    assert_eq!(host.ops(), [Op::Response]);
+    let mut second = stream(Op::Request);
+    second.src.port = Port(5001);
+    host.deliver(second, &[]);
+    assert_eq!(host.ops(), [Op::Rst]);
+}
+
+#[test]
+fn rst_on_socket_type_mismatch() {
+    let mut host = Host::new();
+    host.listener(SocketType::Stream, 8);
+    host.deliver(guest(Op::Request, SocketType::Seqpacket), &[]);
+    assert_eq!(host.ops(), [Op::Rst]);
+}
+
+#[test]
+fn non_request_to_listener_is_reset() {
+    let mut host = Host::new();
+    host.listener(SocketType::Stream, 8);
+    host.deliver(stream(Op::Rw), &[]);
+    assert_eq!(host.ops(), [Op::Rst]);
+}
+
+#[test]
+fn request_is_answered_with_response_stamped_with_credit() {
+    let mut host = Host::new();
+    let listener = host.listener(SocketType::Stream, 8);
+    host.deliver(stream(Op::Request), &[]);
+    let response = host.sent()[0].repr;
+    assert_eq!(response.op, Op::Response);
+    assert_eq!((response.buf_alloc, response.fwd_cnt), (BUF, 0));
+    let child = host.engine.accept(listener).unwrap();
+    assert_eq!(host.engine.state(child), Some(State::Established));
+    assert_eq!(host.engine.peer_addr(child), Some(Addr::new(GUEST, GUEST_PORT)));
+}
+
+#[test]
+fn unexpected_packet_from_listening_port_peer_goes_to_child() {
+    let mut host = Host::new();
+    let child = host.established(SocketType::Stream);
+    host.deliver(stream(Op::Rw), b"data");
+    assert_eq!(host.engine.unread_bytes(child), 4);
+}
+
+fn connecting(host: &mut Host) -> SocketId {
+    let id = host.engine.open(SocketType::Stream).unwrap();
+    host.engine.connect(host.now, id, Addr::new(GUEST, LISTEN_PORT)).unwrap();
+    id
+}
+
+/// The guest's reply to the host's REQUEST.
+fn reply_to(request: &Packet, op: Op) -> Repr {
+    Repr { buf_alloc: BUF, ..request.repr.reply(op) }
+}
+
+#[test]
+fn connect_sends_request_and_response_establishes() {
+    let mut host = Host::new();
+    let id = connecting(&mut host);
+    let request = host.sent().remove(0);
+    assert_eq!(request.repr.op, Op::Request);
+    assert_eq!(host.engine.connect_result(id), Ok(false));
+    host.deliver(reply_to(&request, Op::Response), &[]);
+    assert_eq!(host.engine.connect_result(id), Ok(true));
+}
+
+#[test]
+fn connect_times_out_after_two_seconds() {
+    let mut host = Host::new();
+    let id = connecting(&mut host);
+    let request = host.sent().remove(0);
+    host.advance(Duration::from_millis(1999));
+    assert_eq!(host.engine.connect_result(id), Ok(false));
+    host.advance(Duration::from_millis(1));
+    assert_eq!(host.engine.connect_result(id), Err(ConnectError::Failed(SocketError::TimedOut)));
+    // A late RESPONSE finds nobody and is reset.
+    host.deliver(reply_to(&request, Op::Response), &[]);
+    assert_eq!(host.ops(), [Op::Rst]);
+}
+
+#[test]
+fn connect_refused_by_rst_is_connection_reset() {
+    let mut host = Host::new();
+    let id = connecting(&mut host);
+    let request = host.sent().remove(0);
+    host.deliver(reply_to(&request, Op::Rst), &[]);
+    assert_eq!(
+        host.engine.connect_result(id),
+        Err(ConnectError::Failed(SocketError::ConnectionReset))
+    );
+}
+
+#[test]
+fn unexpected_op_while_connecting_is_protocol_error() {
+    let mut host = Host::new();
+    let id = connecting(&mut host);
+    let request = host.sent().remove(0);
+    host.deliver(reply_to(&request, Op::Rw), &[]);
+    assert_eq!(host.ops(), [Op::Rst]);
+    assert_eq!(host.engine.connect_result(id), Err(ConnectError::Failed(SocketError::Protocol)));
+}
+
+#[test]
+fn close_sends_shutdown_and_peer_rst_finishes_it() {
+    let mut host = Host::new();
+    let child = host.established(SocketType::Stream);
+    host.engine.close(host.now, child);
+    let sent = host.sent();
+    assert_eq!(sent[0].repr.op, Op::Shutdown);
+    assert_eq!(sent[0].repr.shutdown_flags(), ShutdownFlags::all());
+    let sockets = host.engine.socket_count();
+    host.deliver(stream(Op::Rst), &[]);
+    assert_eq!(host.engine.socket_count(), sockets - 1);
+    assert!(host.sent().is_empty());
+}
+
+#[test]
+fn close_forces_rst_after_eight_seconds() {
+    let mut host = Host::new();
+    let child = host.established(SocketType::Stream);
+    host.engine.close(host.now, child);
+    host.sent();
+    host.advance(Duration::from_millis(7999));
+    assert!(host.sent().is_empty());
+    host.advance(Duration::from_millis(1));
+    assert_eq!(host.ops(), [Op::Rst]);
+    assert_eq!(host.engine.poll_timeout(), None);
+}
+
+#[test]
+fn peer_full_shutdown_with_nothing_unread_is_answered_with_rst() {
+    let mut host = Host::new();
+    let child = host.established(SocketType::Stream);
+    host.deliver(Repr { flags: 3, ..stream(Op::Shutdown) }, &[]);
+    assert_eq!(host.ops(), [Op::Rst]);
+    let readiness = host.engine.readiness(child);
+    assert!(readiness.hangup && readiness.readable);
+    assert_eq!(host.engine.recv(child, 16).map(|l| l.len()), Ok(0));
+}
+
+#[test]
+fn peer_shutdown_send_gives_end_of_stream_after_data() {
+    let mut host = Host::new();
+    let child = host.established(SocketType::Stream);
+    host.deliver(stream(Op::Rw), b"tail");
+    host.deliver(Repr { flags: 2, ..stream(Op::Shutdown) }, &[]);
+    let lease = host.engine.recv(child, 16).unwrap();
+    assert_eq!(lease.payload().to_vec(), b"tail");
+    host.engine.commit_recv(child, lease);
+    assert_eq!(host.engine.recv(child, 16).map(|l| l.len()), Ok(0));
+}
+
+#[test]
+fn credit_request_gets_credit_update() {
+    let mut host = Host::new();
+    host.established(SocketType::Stream);
+    host.deliver(stream(Op::CreditRequest), &[]);
+    assert_eq!(host.ops(), [Op::CreditUpdate]);
+}
+
+#[test]
+fn peer_exceeding_credit_is_reset_with_error() {
+    let mut host = Host::new();
+    let child = host.established(SocketType::Stream);
+    host.engine.set_buffer_size(child, 4096).unwrap();
+    host.sent();
+    host.deliver(stream(Op::Rw), &[0u8; 4096]);
+    assert!(host.sent().is_empty());
+    assert_eq!(host.deliver(stream(Op::Rw), &[0u8; 1]), Disposition::Violation);
+    assert_eq!(host.ops(), [Op::Rst]);
+    let lease = host.engine.recv(child, 8192).unwrap();
+    assert_eq!(lease.len(), 4096, "data queued before the violation stays readable");
+    host.engine.commit_recv(child, lease);
+    assert_eq!(host.engine.recv(child, 1), Err(RecvError::Failed(SocketError::CreditExceeded)));
+}
+
+#[test]
+fn header_length_that_disagrees_with_payload_is_a_violation() {
+    let mut host = Host::new();
+    host.established(SocketType::Stream);
+    let repr = Repr { len: 10, ..stream(Op::Rw) };
+    let packet = Packet { repr, payload: Payload::from(b"short".to_vec()) };
+    assert_eq!(host.engine.handle_packet(host.now, packet), Disposition::Violation);
+    assert_eq!(host.ops(), [Op::Rst]);
+}
+
+#[test]
+fn credit_update_when_advertised_space_falls_below_64k() {
+    let mut host = Host::new();
+    let child = host.established(SocketType::Stream);
+    for _ in 0..4 {
+        host.deliver(stream(Op::Rw), &[1u8; 65536]);
+    }
+    for expected in [vec![], vec![], vec![], vec![Op::CreditUpdate]] {
+        let lease = host.engine.recv(child, 65536).unwrap();
+        host.engine.commit_recv(child, lease);
+        assert_eq!(host.ops(), expected);
+    }
+}
+
+#[test]
+fn seqpacket_sends_credit_update_after_every_message() {
+    let mut host = Host::new();
+    let child = host.established(SocketType::Seqpacket);
+    host.deliver(
+        Repr { flags: SeqFlags::EOM.bits(), ..guest(Op::Rw, SocketType::Seqpacket) },
+        b"m",
+    );
+    let lease = host.engine.recv(child, 16).unwrap();
+    host.engine.commit_recv(child, lease);
+    let sent = host.sent();
+    assert_eq!(sent[0].repr.op, Op::CreditUpdate);
+    assert_eq!(sent[0].repr.fwd_cnt, 1);
+}
+
+#[test]
+fn seqpacket_message_larger_than_buffer_is_emsgsize() {
+    let mut host = Host::new();
+    let child = host.established(SocketType::Seqpacket);
+    let big = vec![0u8; BUF as usize + 1];
+    assert_eq!(host.send(child, &big, false), Err(SendError::MessageTooLong));
+}
+
+#[test]
+fn data_is_split_at_64k_with_eom_and_eor_on_the_last_packet() {
+    let mut host = Host::new();
+    let child = host.established(SocketType::Seqpacket);
+    let data = vec![9u8; 150_000];
+    let request = SendRequest { remaining: data.len(), fresh: true, zerocopy: false, eor: true };
+    let grant = host.engine.begin_send(child, request).unwrap();
+    host.engine.finish_send(grant, Payload::from(data)).unwrap();
+    let sent: Vec<(u32, u32)> = host.sent().iter().map(|p| (p.repr.len, p.repr.flags)).collect();
+    assert_eq!(sent, [(65536, 0), (65536, 0), (18928, 3)]);
+}
+
+#[test]
+fn sender_never_exceeds_peer_credit() {
+    let mut host = Host::new();
+    let child = host.established(SocketType::Stream);
+    host.deliver(Repr { buf_alloc: 1000, ..stream(Op::CreditUpdate) }, &[]);
+    let grant = host.send(child, &[0u8; 5000], false).unwrap();
+    assert_eq!(grant.len(), 1000);
+    host.engine.finish_send(grant, Payload::from(vec![0u8; 1000])).unwrap();
+    assert_eq!(host.send(child, &[0u8; 1], false), Err(SendError::WouldBlock));
+    host.deliver(Repr { buf_alloc: 1000, fwd_cnt: 400, ..stream(Op::CreditUpdate) }, &[]);
+    assert_eq!(host.send(child, &[0u8; 5000], false).map(|g| g.len()), Ok(400));
+}
+
+#[test]
+fn local_shut_wr_and_peer_shut_rd_give_broken_pipe() {
+    let mut host = Host::new();
+    let child = host.established(SocketType::Stream);
+    host.engine.shutdown(child, ShutdownFlags::SEND).unwrap();
+    assert_eq!(host.ops(), [Op::Shutdown]);
+    assert_eq!(host.send(child, b"x", false), Err(SendError::BrokenPipe));
+
+    let mut host = Host::new();
+    let child = host.established(SocketType::Stream);
+    host.deliver(Repr { flags: ShutdownFlags::RECEIVE.bits(), ..stream(Op::Shutdown) }, &[]);
+    assert_eq!(host.send(child, b"x", false), Err(SendError::BrokenPipe));
+}
+
+fn zerocopy_child(host: &mut Host) -> SocketId {
+    let child = host.established(SocketType::Stream);
+    host.engine.set_zerocopy(child, true).unwrap();
+    child
+}
+
+fn finish(host: &mut Host, grant: SendGrant, data: &'static [u8]) {
+    host.engine.finish_send(grant, Payload::from(Bytes::from_static(data))).unwrap();
+}
+
+#[test]
+fn zerocopy_is_ignored_without_so_zerocopy() {
+    let mut host = Host::new();
+    let child = host.established(SocketType::Stream);
+    let grant = host.send(child, b"abc", true).unwrap();
+    assert!(grant.must_copy());
+    assert_eq!(grant.completion_id(), None);
+    finish(&mut host, grant, b"abc");
+    drop(host.sent());
+    assert_eq!(host.engine.recv_completion(child), Ok(None));
+}
+
+#[test]
+fn zerocopy_completion_fires_when_the_transport_drops_the_payload() {
+    let mut host = Host::new();
+    let child = zerocopy_child(&mut host);
+    let grant = host.send(child, b"abc", true).unwrap();
+    assert_eq!((grant.completion_id(), grant.must_copy()), (Some(0), false));
+    finish(&mut host, grant, b"abc");
+    let in_flight = host.sent();
+    assert_eq!(host.engine.recv_completion(child), Ok(None));
+    assert!(!host.engine.readiness(child).error);
+    drop(in_flight);
+    host.engine.poll_completions();
+    assert!(host.engine.readiness(child).error);
+    let completion = host.engine.recv_completion(child).unwrap().unwrap();
+    assert_eq!(completion, Completion { lo: 0, hi: 0, copied: false });
+}
+
+#[test]
+fn zerocopy_message_larger_than_credit_is_copied_over_several_ids() {
+    let mut host = Host::new();
+    let child = zerocopy_child(&mut host);
+    host.deliver(Repr { buf_alloc: 100, ..stream(Op::CreditUpdate) }, &[]);
+    let request = SendRequest { remaining: 150, fresh: true, zerocopy: true, eor: false };
+    let first = host.engine.begin_send(child, request).unwrap();
+    assert_eq!((first.len(), first.completion_id(), first.must_copy()), (100, Some(0), true));
+    host.engine.finish_send(first, Payload::from(vec![0u8; 100])).unwrap();
+    host.deliver(Repr { buf_alloc: 100, fwd_cnt: 100, ..stream(Op::CreditUpdate) }, &[]);
+    let request = SendRequest { remaining: 50, fresh: false, zerocopy: true, eor: false };
+    let second = host.engine.begin_send(child, request).unwrap();
+    assert_eq!((second.len(), second.completion_id(), second.must_copy()), (50, Some(1), true));
+    host.engine.finish_send(second, Payload::from(vec![0u8; 50])).unwrap();
+    drop(host.sent());
+    let merged = host.engine.recv_completion(child).unwrap();
+    assert_eq!(merged, Some(Completion { lo: 0, hi: 1, copied: true }));
+}
+
+#[test]
+fn zerocopy_pass_that_sends_nothing_takes_no_id() {
+    let mut host = Host::new();
+    let child = zerocopy_child(&mut host);
+    host.deliver(Repr { buf_alloc: 0, ..stream(Op::CreditUpdate) }, &[]);
+    assert_eq!(host.send(child, b"abc", true), Err(SendError::WouldBlock));
+    assert_eq!(host.engine.next_completion_id(child), Some(0));
+    host.deliver(Repr { buf_alloc: 64, ..stream(Op::CreditUpdate) }, &[]);
+    let grant = host.send(child, b"abc", true).unwrap();
+    host.engine.abort_send(grant);
+    assert_eq!(host.engine.next_completion_id(child), Some(0));
+}
+
+#[test]
+fn zerocopy_budget_exhaustion_is_enomem_and_returns_credit() {
+    let mut host = Host::new();
+    let child = zerocopy_child(&mut host);
+    host.engine.set_notification_limit(child, 1).unwrap();
+    let grant = host.send(child, b"abc", true).unwrap();
+    finish(&mut host, grant, b"abc");
+    let space = host.engine.send_space(child);
+    assert_eq!(host.send(child, b"abc", true), Err(SendError::NotificationBudget));
+    assert_eq!(host.engine.send_space(child), space);
+    assert_eq!(host.engine.next_completion_id(child), Some(1));
+}
+
+#[test]
+fn transport_without_zerocopy_gives_eopnotsupp() {
+    let mut config = EngineConfig::new(HOST);
+    config.zerocopy = false;
+    let mut host = Host::with(config);
+    let unconnected = host.engine.open(SocketType::Stream).unwrap();
+    host.engine.set_zerocopy(unconnected, true).unwrap();
+    let result = host.engine.connect(host.now, unconnected, Addr::new(GUEST, LISTEN_PORT));
+    assert_eq!(result, Err(ConnectError::ZerocopyUnsupported));
+    let child = host.established(SocketType::Stream);
+    assert_eq!(host.engine.set_zerocopy(child, true), Err(OptionError::Unsupported));
+    assert_eq!(host.send(child, b"abc", true), Err(SendError::ZerocopyUnsupported));
+}
+
+#[test]
+fn malformed_header_bytes_with_unknown_type_are_reset() {
+    let mut host = Host::new();
+    let mut bytes = stream(Op::Request).to_bytes();
+    bytes[28] = 3;
+    let result = host.engine.handle_bytes(host.now, &bytes, Payload::new());
+    assert!(result.is_err());
+    assert_eq!(host.ops(), [Op::Rst]);
+}
+
+#[test]
+fn packets_for_another_cid_are_dropped_silently() {
+    let mut host = Host::new();
+    host.listener(SocketType::Stream, 8);
+    let mut request = stream(Op::Request);
+    request.dst.cid = Cid(7);
+    assert_eq!(host.deliver(request, &[]), Disposition::Dropped);
+    assert!(host.sent().is_empty());
+}
