@@ -1,0 +1,102 @@
+//! vsock sockets shaped like `std::net`, with MSG_ZEROCOPY.
+//!
+//! A [`Vsock`] is one vsock endpoint: the protocol engine (`zerovsock-proto`) and a transport.
+//! Today the transport is the in-process loopback ([`Vsock::loopback`], CID 1), which needs no
+//! VM; the vhost-user device will be another transport under the same socket API.
+//!
+//! * [`VsockListener`] / [`VsockStream`]: SOCK_STREAM, with `Read` and `Write`.
+//! * [`VsockSeqpacketListener`] / [`VsockSeqpacket`]: SOCK_SEQPACKET, one message per call.
+//! * [`VsockSocket`]: an unconnected socket for options that must be set before connecting or
+//!   listening (buffer sizes, SO_ZEROCOPY, connect timeout).
+//!
+//! # Zerocopy
+//!
+//! With SO_ZEROCOPY on, [`VsockStream::send_zerocopy`] takes ownership of the buffer and
+//! sends it in place; on loopback the receiver copies straight out of it. Each send pass takes
+//! a completion id (per socket, from 0); [`VsockStream::recv_completion`] reads completions as
+//! the kernel's error queue presents them (`lo..=hi`, COPIED), readiness reports them as
+//! `error`, and an empty queue is `WouldBlock`. [`ZerocopyWriter`] hands buffers back.
+//! Errors carry the errno Linux would give (`raw_os_error()`), e.g. EOPNOTSUPP, ENOMEM,
+//! EMSGSIZE, EPIPE.
+//!
+//! This crate never opens a kernel AF_VSOCK socket.
+//!
+//! ```
+//! use std::io::{Read, Write};
+//! use zerovsock::{Vsock, VsockListener, VsockStream};
+//! use zerovsock::wire::{Addr, Cid, Port};
+//!
+//! let vsock = Vsock::loopback();
+//! let listener = VsockListener::bind(&vsock, Addr::new(Cid::ANY, Port(1234)))?;
+//! let mut client = VsockStream::connect(&vsock, Addr::new(Cid::LOCAL, Port(1234)))?;
+//! let (mut server, peer) = listener.accept()?;
+//! assert_eq!(peer, client.local_addr()?);
+//!
+//! client.write_all(b"ping")?;
+//! let mut buf = [0u8; 4];
+//! server.read_exact(&mut buf)?;
+//! assert_eq!(&buf, b"ping");
+//! # Ok::<(), std::io::Error>(())
+//! ```
+
+mod core;
+mod error;
+mod loopback;
+mod socket;
+mod types;
+mod zerocopy;
+
+use std::sync::Arc;
+
+pub use crate::core::Transport;
+pub use loopback::LoopbackConfig;
+pub use socket::{Interest, RecvMeta};
+pub use types::{
+    Kind, Seqpacket, Stream, VsockListener, VsockSeqpacket, VsockSeqpacketListener, VsockSocket,
+    VsockStream,
+};
+pub use zerocopy::{Reclaimed, ZerocopySocket, ZerocopyWriter};
+pub use zerovsock_proto::{Completion, Readiness};
+pub use zerovsock_wire as wire;
+
+/// One vsock endpoint: an engine and its transport. Cheap to clone; sockets keep it alive.
+#[derive(Clone)]
+pub struct Vsock {
+    shared: Arc<core::Shared>,
+}
+
+impl Vsock {
+    /// The in-process loopback endpoint (CID 1) with Linux's defaults, zerocopy included.
+    pub fn loopback() -> Vsock {
+        Vsock::loopback_with(LoopbackConfig::default())
+    }
+
+    /// A loopback endpoint with chosen capabilities.
+    pub fn loopback_with(config: LoopbackConfig) -> Vsock {
+        let limit = config.notification_limit;
+        let transport = Box::new(loopback::Loopback { config });
+        Vsock { shared: core::Shared::new(transport, |c| c.notification_limit = limit) }
+    }
+
+    /// An endpoint over any transport.
+    pub fn with_transport(transport: impl Transport) -> Vsock {
+        Vsock { shared: core::Shared::new(Box::new(transport), |_| {}) }
+    }
+
+    /// Sockets alive on this endpoint, including connections still closing.
+    pub fn socket_count(&self) -> usize {
+        self.shared.lock().engine.socket_count()
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<core::Shared> {
+        &self.shared
+    }
+}
+
+impl std::fmt::Debug for Vsock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vsock")
+            .field("local_cid", &self.shared.lock().engine.config().local_cid)
+            .finish()
+    }
+}

@@ -1,0 +1,372 @@
+//! What every socket type shares: options, blocking and timeouts, the send and receive loops,
+//! readiness, and the completion queue. The public types in `stream.rs` and `seqpacket.rs` are
+//! thin wrappers over [`Inner`].
+
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use zerovsock_proto::{
+    Completion, Payload, Readiness, RecvError, SendError, SendRequest, SocketId,
+};
+use zerovsock_wire::{Addr, ShutdownFlags, SocketType};
+
+use crate::core::{Shared, Waiter};
+use crate::error;
+
+/// What one receive returned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecvMeta {
+    /// Bytes written into the caller's buffer.
+    pub len: usize,
+    /// The whole message length (SEQPACKET; larger than `len` when truncated). For STREAM, `len`.
+    pub message_len: usize,
+    /// The message was sent with MSG_EOR (SEQPACKET).
+    pub eor: bool,
+}
+
+impl RecvMeta {
+    /// Bytes were discarded because the buffer was smaller than the message (MSG_TRUNC).
+    pub fn truncated(&self) -> bool {
+        self.message_len > self.len
+    }
+}
+
+/// Readiness to wait for, as `poll` events.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Interest {
+    /// POLLIN.
+    pub readable: bool,
+    /// POLLOUT.
+    pub writable: bool,
+}
+
+impl Interest {
+    /// POLLIN.
+    pub const READABLE: Interest = Interest { readable: true, writable: false };
+    /// POLLOUT.
+    pub const WRITABLE: Interest = Interest { readable: false, writable: true };
+    /// No events: like `poll` with `events = 0`, only errors (and completions) and hang-ups wake.
+    pub const NONE: Interest = Interest { readable: false, writable: false };
+}
+
+/// The bytes a send takes them from: a borrowed slice is copied; shared buffers may be sent as
+/// they are.
+pub(crate) enum Source<'a> {
+    Borrowed(&'a [u8]),
+    Shared(&'a Payload),
+}
+
+impl Source<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Source::Borrowed(bytes) => bytes.len(),
+            Source::Shared(payload) => payload.len(),
+        }
+    }
+
+    /// `len` bytes from `start`, copied into a fresh buffer.
+    fn copy(&self, start: usize, len: usize) -> Payload {
+        let mut buffer = Vec::with_capacity(len);
+        match self {
+            Source::Borrowed(bytes) => buffer.extend_from_slice(&bytes[start..start + len]),
+            Source::Shared(payload) => {
+                for segment in payload.slice(start, len).segments() {
+                    buffer.extend_from_slice(segment);
+                }
+            }
+        }
+        Payload::from(buffer)
+    }
+
+    fn share(&self, start: usize, len: usize) -> Payload {
+        match self {
+            Source::Borrowed(_) => self.copy(start, len),
+            Source::Shared(payload) => payload.slice(start, len),
+        }
+    }
+}
+
+#[doc(hidden)]
+pub struct Inner {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) id: SocketId,
+    waiter: Arc<Waiter>,
+    nonblocking: AtomicBool,
+    read_timeout: Mutex<Option<Duration>>,
+    write_timeout: Mutex<Option<Duration>>,
+    send_lock: Mutex<()>,
+    recv_lock: Mutex<()>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        let id = self.id;
+        self.shared.with(|engine, now| engine.close(now, id));
+        self.shared.lock().unregister(id);
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn check_timeout(timeout: Option<Duration>) -> io::Result<Option<Duration>> {
+    if timeout == Some(Duration::ZERO) {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "cannot set a 0 duration timeout"));
+    }
+    Ok(timeout)
+}
+
+impl Inner {
+    pub(crate) fn open(shared: &Arc<Shared>, socket_type: SocketType) -> io::Result<Inner> {
+        let id = shared.with(|engine, _| engine.open(socket_type)).map_err(error::open)?;
+        Ok(Inner::adopt(shared, id))
+    }
+
+    pub(crate) fn adopt(shared: &Arc<Shared>, id: SocketId) -> Inner {
+        let waiter = shared.lock().register(id);
+        Inner {
+            shared: shared.clone(),
+            id,
+            waiter,
+            nonblocking: AtomicBool::new(false),
+            read_timeout: Mutex::new(None),
+            write_timeout: Mutex::new(None),
+            send_lock: Mutex::new(()),
+            recv_lock: Mutex::new(()),
+        }
+    }
+
+    fn wait<T>(
+        &self,
+        timeout: Option<Duration>,
+        attempt: impl FnMut(&mut zerovsock_proto::Engine, Instant) -> io::Result<Option<T>>,
+    ) -> io::Result<T> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        self.shared.wait(&self.waiter, self.nonblocking(), deadline, attempt)
+    }
+
+    pub(crate) fn bind(&self, addr: Addr) -> io::Result<Addr> {
+        self.shared.with(|engine, _| engine.bind(self.id, addr)).map_err(error::bind)
+    }
+
+    pub(crate) fn listen(&self, backlog: u32) -> io::Result<()> {
+        self.shared.with(|engine, _| engine.listen(self.id, backlog)).map_err(error::listen)
+    }
+
+    pub(crate) fn accept(&self) -> io::Result<Inner> {
+        let id = self.wait(None, |engine, _| match engine.accept(self.id) {
+            Ok(child) => Ok(Some(child)),
+            Err(zerovsock_proto::AcceptError::WouldBlock) => Ok(None),
+            Err(other) => Err(error::accept(other)),
+        })?;
+        Ok(Inner::adopt(&self.shared, id))
+    }
+
+    /// Connects, waiting up to `timeout` (default: the socket's connect timeout, 2 s).
+    pub(crate) fn connect(&self, addr: Addr, timeout: Option<Duration>) -> io::Result<()> {
+        if let Some(timeout) = check_timeout(timeout)? {
+            self.set_connect_timeout(timeout)?;
+        }
+        self.shared
+            .with(|engine, now| engine.connect(now, self.id, addr))
+            .map_err(error::connect)?;
+        // The engine's own timer ends a connect that gets no answer.
+        self.shared.wait(&self.waiter, false, None, |engine, _| {
+            match engine.connect_result(self.id) {
+                Ok(true) => Ok(Some(())),
+                Ok(false) => Ok(None),
+                Err(failure) => Err(error::connect(failure)),
+            }
+        })
+    }
+
+    /// Sends `source` as one message (the `vsock_connectible_sendmsg` loop): one engine pass per
+    /// credit window, waiting for credit in between. Returns the bytes sent; a STREAM send cut
+    /// short by non-blocking mode or a timeout returns what it sent so far.
+    pub(crate) fn send(&self, source: Source<'_>, zerocopy: bool, eor: bool) -> io::Result<usize> {
+        let _serial = lock(&self.send_lock);
+        let total = source.len();
+        let stream = self.socket_type() == Some(SocketType::Stream);
+        if total == 0 && stream {
+            return Ok(0);
+        }
+        let timeout = *lock(&self.write_timeout);
+        let mut sent = 0;
+        loop {
+            let request = SendRequest { remaining: total - sent, fresh: sent == 0, zerocopy, eor };
+            let grant = self.wait(timeout, |engine, _| match engine.begin_send(self.id, request) {
+                Ok(grant) => Ok(Some(grant)),
+                Err(SendError::WouldBlock) => Ok(None),
+                Err(other) => Err(error::send(other)),
+            });
+            let grant = match grant {
+                Ok(grant) => grant,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && sent > 0 && stream => {
+                    return Ok(sent)
+                }
+                Err(e) => return Err(e),
+            };
+            let len = grant.len();
+            let payload =
+                if grant.must_copy() { source.copy(sent, len) } else { source.share(sent, len) };
+            self.shared
+                .with(|engine, _| engine.finish_send(grant, payload))
+                .map_err(error::send)?;
+            sent += len;
+            if sent == total {
+                return Ok(sent);
+            }
+        }
+    }
+
+    /// Receives into `buf` (one message for SEQPACKET). With `peek`, nothing is consumed.
+    pub(crate) fn recv(&self, buf: &mut [u8], peek: bool) -> io::Result<RecvMeta> {
+        let _serial = lock(&self.recv_lock);
+        let timeout = *lock(&self.read_timeout);
+        let lease = self.wait(timeout, |engine, _| match engine.recv(self.id, buf.len()) {
+            Ok(lease) => Ok(Some(lease)),
+            Err(RecvError::WouldBlock) => Ok(None),
+            Err(other) => Err(error::recv(other)),
+        })?;
+        let len = lease.copy_to(buf);
+        let meta = RecvMeta { len, message_len: lease.message_len(), eor: lease.eor() };
+        if !peek {
+            self.shared.with(|engine, _| engine.commit_recv(self.id, lease));
+        }
+        Ok(meta)
+    }
+
+    pub(crate) fn shutdown(&self, how: std::net::Shutdown) -> io::Result<()> {
+        let flags = match how {
+            std::net::Shutdown::Read => ShutdownFlags::RECEIVE,
+            std::net::Shutdown::Write => ShutdownFlags::SEND,
+            std::net::Shutdown::Both => ShutdownFlags::all(),
+        };
+        self.shared.with(|engine, _| engine.shutdown(self.id, flags)).map_err(error::shutdown)
+    }
+
+    pub(crate) fn socket_type(&self) -> Option<SocketType> {
+        self.shared.lock().engine.socket_type(self.id)
+    }
+
+    pub(crate) fn local_addr(&self) -> io::Result<Addr> {
+        let addr = self.shared.lock().engine.local_addr(self.id);
+        addr.ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))
+    }
+
+    pub(crate) fn peer_addr(&self) -> io::Result<Addr> {
+        let addr = self.shared.lock().engine.peer_addr(self.id);
+        addr.ok_or_else(|| io::Error::from_raw_os_error(libc::ENOTCONN))
+    }
+
+    pub(crate) fn set_nonblocking(&self, nonblocking: bool) {
+        self.nonblocking.store(nonblocking, Ordering::Relaxed);
+    }
+
+    pub(crate) fn nonblocking(&self) -> bool {
+        self.nonblocking.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        *lock(&self.read_timeout) = check_timeout(timeout)?;
+        Ok(())
+    }
+
+    pub(crate) fn read_timeout(&self) -> Option<Duration> {
+        *lock(&self.read_timeout)
+    }
+
+    pub(crate) fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        *lock(&self.write_timeout) = check_timeout(timeout)?;
+        Ok(())
+    }
+
+    pub(crate) fn write_timeout(&self) -> Option<Duration> {
+        *lock(&self.write_timeout)
+    }
+
+    pub(crate) fn set_connect_timeout(&self, timeout: Duration) -> io::Result<()> {
+        self.shared.with(|e, _| e.set_connect_timeout(self.id, timeout)).map_err(error::option)
+    }
+
+    pub(crate) fn set_buffer_size(&self, size: u64) -> io::Result<u64> {
+        self.shared.with(|e, _| e.set_buffer_size(self.id, size)).map_err(error::option)
+    }
+
+    pub(crate) fn set_buffer_min_size(&self, size: u64) -> io::Result<u64> {
+        self.shared.with(|e, _| e.set_buffer_min_size(self.id, size)).map_err(error::option)
+    }
+
+    pub(crate) fn set_buffer_max_size(&self, size: u64) -> io::Result<u64> {
+        self.shared.with(|e, _| e.set_buffer_max_size(self.id, size)).map_err(error::option)
+    }
+
+    pub(crate) fn buffer_size(&self) -> io::Result<u64> {
+        let sizes = self.shared.lock().engine.buffer_sizes(self.id).map_err(error::option)?;
+        Ok(sizes.0)
+    }
+
+    pub(crate) fn set_rcvlowat(&self, bytes: u32) -> io::Result<()> {
+        self.shared.with(|e, _| e.set_rcvlowat(self.id, bytes)).map_err(error::option)
+    }
+
+    pub(crate) fn set_zerocopy(&self, enabled: bool) -> io::Result<()> {
+        self.shared.with(|e, _| e.set_zerocopy(self.id, enabled)).map_err(error::option)
+    }
+
+    pub(crate) fn zerocopy(&self) -> io::Result<bool> {
+        self.shared.lock().engine.zerocopy(self.id).map_err(error::option)
+    }
+
+    pub(crate) fn next_completion_id(&self) -> u32 {
+        self.shared.lock().engine.next_completion_id(self.id).unwrap_or(0)
+    }
+
+    pub(crate) fn recv_completion(&self) -> io::Result<Completion> {
+        let completion = self.shared.with(|e, _| e.recv_completion(self.id));
+        completion.map_err(error::option)?.ok_or_else(|| io::Error::from_raw_os_error(libc::EAGAIN))
+    }
+
+    pub(crate) fn readiness(&self) -> Readiness {
+        self.shared.with(|e, _| e.readiness(self.id))
+    }
+
+    /// Waits until one of `interest` is ready, or an error, a completion or a hang-up is
+    /// pending (those are always reported, as `poll` does). `None` waits forever.
+    pub(crate) fn wait_readiness(
+        &self,
+        interest: Interest,
+        timeout: Option<Duration>,
+    ) -> io::Result<Readiness> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let result = self.shared.wait(&self.waiter, false, deadline, |engine, _| {
+            let r = engine.readiness(self.id);
+            let hit = (interest.readable && r.readable)
+                || (interest.writable && r.writable)
+                || r.error
+                || r.hangup;
+            Ok(hit.then_some(r))
+        });
+        match result {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Readiness::default()),
+            other => other,
+        }
+    }
+
+    pub(crate) fn unread_bytes(&self) -> usize {
+        self.shared.lock().engine.unread_bytes(self.id)
+    }
+}
+
+/// Shares `bytes` as a payload without copying.
+pub(crate) fn payload_of(buffers: impl IntoIterator<Item = Bytes>) -> Payload {
+    let mut payload = Payload::new();
+    for buffer in buffers {
+        payload.push(buffer);
+    }
+    payload
+}

@@ -1,0 +1,402 @@
+//! The public socket types: an unconnected [`VsockSocket`] for options before connect or
+//! listen, listeners, and connected STREAM and SEQPACKET sockets.
+
+use std::io::{self, IoSlice, Read, Write};
+use std::marker::PhantomData;
+use std::time::Duration;
+
+use bytes::Bytes;
+use zerovsock_proto::{Completion, Readiness};
+use zerovsock_wire::{Addr, SocketType};
+
+use crate::socket::{payload_of, Inner, Interest, RecvMeta, Source};
+use crate::Vsock;
+
+mod sealed {
+    pub trait Sealed {}
+}
+
+/// A socket type: [`Stream`] or [`Seqpacket`].
+pub trait Kind: sealed::Sealed {
+    /// The virtio socket type.
+    const TYPE: SocketType;
+    /// What `connect` and `accept` give.
+    type Connected: From<Inner>;
+    /// What `listen` gives.
+    type Listener: From<Inner>;
+}
+
+/// SOCK_STREAM.
+#[derive(Debug)]
+pub enum Stream {}
+/// SOCK_SEQPACKET.
+#[derive(Debug)]
+pub enum Seqpacket {}
+
+impl sealed::Sealed for Stream {}
+impl sealed::Sealed for Seqpacket {}
+
+impl Kind for Stream {
+    const TYPE: SocketType = SocketType::Stream;
+    type Connected = VsockStream;
+    type Listener = VsockListener;
+}
+
+impl Kind for Seqpacket {
+    const TYPE: SocketType = SocketType::Seqpacket;
+    type Connected = VsockSeqpacket;
+    type Listener = VsockSeqpacketListener;
+}
+
+/// A socket not yet connected or listening: set options first, then [`VsockSocket::connect`] or
+/// [`VsockSocket::listen`]. Options set on a listener are inherited by accepted connections,
+/// except SO_ZEROCOPY (as in Linux).
+pub struct VsockSocket<K: Kind> {
+    inner: Inner,
+    kind: PhantomData<K>,
+}
+
+impl VsockSocket<Stream> {
+    /// A new STREAM socket.
+    pub fn stream(vsock: &Vsock) -> io::Result<VsockSocket<Stream>> {
+        VsockSocket::new(vsock)
+    }
+}
+
+impl VsockSocket<Seqpacket> {
+    /// A new SEQPACKET socket.
+    pub fn seqpacket(vsock: &Vsock) -> io::Result<VsockSocket<Seqpacket>> {
+        VsockSocket::new(vsock)
+    }
+}
+
+macro_rules! buffer_options {
+    () => {
+        /// SO_VM_SOCKETS_BUFFER_SIZE: the receive buffer advertised to the peer. Clamped into
+        /// `[min, max]`; returns the value in force.
+        pub fn set_buffer_size(&self, size: u64) -> io::Result<u64> {
+            self.inner.set_buffer_size(size)
+        }
+
+        /// SO_VM_SOCKETS_BUFFER_MIN_SIZE.
+        pub fn set_buffer_min_size(&self, size: u64) -> io::Result<u64> {
+            self.inner.set_buffer_min_size(size)
+        }
+
+        /// SO_VM_SOCKETS_BUFFER_MAX_SIZE (raise it first to go past 256 KiB).
+        pub fn set_buffer_max_size(&self, size: u64) -> io::Result<u64> {
+            self.inner.set_buffer_max_size(size)
+        }
+
+        /// Raises the maximum and sets the size in one step, as vsock_perf's `--vsk-size` does.
+        pub fn set_buffer_size_unclamped(&self, size: u64) -> io::Result<u64> {
+            self.inner.set_buffer_max_size(size)?;
+            self.inner.set_buffer_size(size)
+        }
+
+        /// The receive buffer size in force.
+        pub fn buffer_size(&self) -> io::Result<u64> {
+            self.inner.buffer_size()
+        }
+
+        /// The local address.
+        pub fn local_addr(&self) -> io::Result<Addr> {
+            self.inner.local_addr()
+        }
+
+        /// Sets non-blocking mode: calls that would wait fail with `WouldBlock` instead.
+        pub fn set_nonblocking(&self, nonblocking: bool) -> io::Result<()> {
+            self.inner.set_nonblocking(nonblocking);
+            Ok(())
+        }
+    };
+}
+
+impl<K: Kind> VsockSocket<K> {
+    /// A new socket of kind `K`.
+    pub fn new(vsock: &Vsock) -> io::Result<VsockSocket<K>> {
+        Ok(VsockSocket { inner: Inner::open(vsock.shared(), K::TYPE)?, kind: PhantomData })
+    }
+
+    /// Binds to a local address ([`zerovsock_wire::Cid::ANY`] and [`zerovsock_wire::Port::ANY`]
+    /// are wildcards). Returns the address bound.
+    pub fn bind(&self, addr: Addr) -> io::Result<Addr> {
+        self.inner.bind(addr)
+    }
+
+    /// SO_ZEROCOPY. On a transport without zerocopy it is accepted here and refused by
+    /// `connect` with EOPNOTSUPP, as Linux does.
+    pub fn set_zerocopy(&self, enabled: bool) -> io::Result<()> {
+        self.inner.set_zerocopy(enabled)
+    }
+
+    /// SO_VM_SOCKETS_CONNECT_TIMEOUT (default 2 s).
+    pub fn set_connect_timeout(&self, timeout: Duration) -> io::Result<()> {
+        self.inner.set_connect_timeout(timeout)
+    }
+
+    buffer_options!();
+
+    /// Connects to `addr`, waiting for the answer up to the connect timeout.
+    pub fn connect(self, addr: Addr) -> io::Result<K::Connected> {
+        self.inner.connect(addr, None)?;
+        Ok(K::Connected::from(self.inner))
+    }
+
+    /// Starts listening; binds to any free port first if unbound.
+    pub fn listen(self, backlog: u32) -> io::Result<K::Listener> {
+        if self.inner.local_addr().is_err() {
+            self.inner.bind(Addr::new(zerovsock_wire::Cid::ANY, zerovsock_wire::Port::ANY))?;
+        }
+        self.inner.listen(backlog)?;
+        Ok(K::Listener::from(self.inner))
+    }
+}
+
+macro_rules! listener {
+    ($name:ident, $kind:ident, $conn:ident, $doc:literal) => {
+        #[doc = $doc]
+        pub struct $name {
+            inner: Inner,
+        }
+
+        impl From<Inner> for $name {
+            fn from(inner: Inner) -> $name {
+                $name { inner }
+            }
+        }
+
+        impl $name {
+            /// Binds to `addr` and listens with a backlog of 128.
+            pub fn bind(vsock: &Vsock, addr: Addr) -> io::Result<$name> {
+                let socket = VsockSocket::<$kind>::new(vsock)?;
+                socket.bind(addr)?;
+                socket.listen(128)
+            }
+
+            /// Waits for a connection (or fails with `WouldBlock` when non-blocking).
+            pub fn accept(&self) -> io::Result<($conn, Addr)> {
+                let conn = $conn::from(self.inner.accept()?);
+                let peer = conn.peer_addr()?;
+                Ok((conn, peer))
+            }
+
+            /// An endless iterator over accepted connections.
+            pub fn incoming(&self) -> impl Iterator<Item = io::Result<$conn>> + '_ {
+                std::iter::repeat_with(move || self.accept().map(|(conn, _)| conn))
+            }
+
+            /// What `poll` would report (readable: a connection is waiting).
+            pub fn readiness(&self) -> Readiness {
+                self.inner.readiness()
+            }
+
+            buffer_options!();
+        }
+    };
+}
+
+listener!(VsockListener, Stream, VsockStream, "A STREAM listener, like `std::net::TcpListener`.");
+listener!(VsockSeqpacketListener, Seqpacket, VsockSeqpacket, "A SEQPACKET listener.");
+
+macro_rules! connected {
+    ($name:ident, $kind:ident) => {
+        impl From<Inner> for $name {
+            fn from(inner: Inner) -> $name {
+                $name { inner }
+            }
+        }
+
+        impl $name {
+            /// Connects to `addr` with default options.
+            pub fn connect(vsock: &Vsock, addr: Addr) -> io::Result<$name> {
+                VsockSocket::<$kind>::new(vsock)?.connect(addr)
+            }
+
+            /// Connects to `addr`, waiting at most `timeout` for the answer (ETIMEDOUT after).
+            pub fn connect_timeout(
+                vsock: &Vsock,
+                addr: Addr,
+                timeout: Duration,
+            ) -> io::Result<$name> {
+                let socket = VsockSocket::<$kind>::new(vsock)?;
+                socket.inner.connect(addr, Some(timeout))?;
+                Ok($name::from(socket.inner))
+            }
+
+            /// The peer's address.
+            pub fn peer_addr(&self) -> io::Result<Addr> {
+                self.inner.peer_addr()
+            }
+
+            /// Shuts down reading, writing or both; the peer is told with SHUTDOWN.
+            pub fn shutdown(&self, how: std::net::Shutdown) -> io::Result<()> {
+                self.inner.shutdown(how)
+            }
+
+            /// SO_RCVTIMEO. `None` waits forever; an expired wait fails with `WouldBlock`.
+            pub fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+                self.inner.set_read_timeout(timeout)
+            }
+
+            /// SO_RCVTIMEO.
+            pub fn read_timeout(&self) -> io::Result<Option<Duration>> {
+                Ok(self.inner.read_timeout())
+            }
+
+            /// SO_SNDTIMEO.
+            pub fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+                self.inner.set_write_timeout(timeout)
+            }
+
+            /// SO_SNDTIMEO.
+            pub fn write_timeout(&self) -> io::Result<Option<Duration>> {
+                Ok(self.inner.write_timeout())
+            }
+
+            /// SO_RCVLOWAT: reads wake once this many bytes are queued.
+            pub fn set_rcvlowat(&self, bytes: u32) -> io::Result<()> {
+                self.inner.set_rcvlowat(bytes)
+            }
+
+            /// SO_ZEROCOPY: without it, zerocopy sends are plain copies with no completion.
+            pub fn set_zerocopy(&self, enabled: bool) -> io::Result<()> {
+                self.inner.set_zerocopy(enabled)
+            }
+
+            /// SO_ZEROCOPY.
+            pub fn zerocopy(&self) -> io::Result<bool> {
+                self.inner.zerocopy()
+            }
+
+            /// Sends `buf` with MSG_ZEROCOPY, taking ownership: the transport holds the buffer
+            /// until the send's completion ([`Self::recv_completion`]). Returns the bytes sent.
+            pub fn send_zerocopy(&self, buf: impl Into<Bytes>) -> io::Result<usize> {
+                let payload = payload_of([buf.into()]);
+                self.inner.send(Source::Shared(&payload), true, false)
+            }
+
+            /// [`Self::send_zerocopy`] over several buffers sent as one message (an iovec).
+            pub fn send_zerocopy_vectored(
+                &self,
+                bufs: impl IntoIterator<Item = Bytes>,
+            ) -> io::Result<usize> {
+                let payload = payload_of(bufs);
+                self.inner.send(Source::Shared(&payload), true, false)
+            }
+
+            /// Takes the oldest zerocopy completion (`recvmsg(MSG_ERRQUEUE)`); `WouldBlock` when
+            /// none is queued. Never waits: wait with [`Self::poll`] and [`Interest::NONE`].
+            pub fn recv_completion(&self) -> io::Result<Completion> {
+                self.inner.recv_completion()
+            }
+
+            /// The id the next zerocopy send pass will take.
+            pub fn next_completion_id(&self) -> u32 {
+                self.inner.next_completion_id()
+            }
+
+            /// What `poll` would report now; `error` means completions (or an error) are pending.
+            pub fn readiness(&self) -> Readiness {
+                self.inner.readiness()
+            }
+
+            /// Waits up to `timeout` for `interest`, a pending completion, an error or a
+            /// hang-up, like `poll(2)`. Returns empty readiness on timeout.
+            pub fn poll(
+                &self,
+                interest: Interest,
+                timeout: Option<Duration>,
+            ) -> io::Result<Readiness> {
+                self.inner.wait_readiness(interest, timeout)
+            }
+
+            /// Unread bytes queued (SIOCINQ).
+            pub fn unread_bytes(&self) -> usize {
+                self.inner.unread_bytes()
+            }
+
+            buffer_options!();
+        }
+    };
+}
+
+/// A connected STREAM socket, like `std::net::TcpStream`.
+pub struct VsockStream {
+    inner: Inner,
+}
+
+connected!(VsockStream, Stream);
+
+impl VsockStream {
+    /// Reads without consuming (MSG_PEEK).
+    pub fn peek(&self, buf: &mut [u8]) -> io::Result<usize> {
+        self.inner.recv(buf, true).map(|meta| meta.len)
+    }
+}
+
+impl Read for &VsockStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.inner.recv(buf, false).map(|meta| meta.len)
+    }
+}
+
+impl Read for VsockStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        (&*self).read(buf)
+    }
+}
+
+impl Write for &VsockStream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.inner.send(Source::Borrowed(buf), false, false)
+    }
+
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        let payload = payload_of(bufs.iter().map(|b| Bytes::copy_from_slice(b)));
+        self.inner.send(Source::Shared(&payload), false, false)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Write for VsockStream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        (&*self).write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A connected SEQPACKET socket: every send is one message, every receive returns one.
+pub struct VsockSeqpacket {
+    inner: Inner,
+}
+
+connected!(VsockSeqpacket, Seqpacket);
+
+impl VsockSeqpacket {
+    /// Sends one message; EMSGSIZE if it exceeds the usable buffer.
+    pub fn send(&self, buf: &[u8]) -> io::Result<usize> {
+        self.inner.send(Source::Borrowed(buf), false, false)
+    }
+
+    /// Sends one message marked with MSG_EOR.
+    pub fn send_eor(&self, buf: &[u8]) -> io::Result<usize> {
+        self.inner.send(Source::Borrowed(buf), false, true)
+    }
+
+    /// Receives one message; bytes past `buf` are discarded and reported as truncation.
+    pub fn recv(&self, buf: &mut [u8]) -> io::Result<RecvMeta> {
+        self.inner.recv(buf, false)
+    }
+
+    /// Looks at the next message without consuming it.
+    pub fn peek(&self, buf: &mut [u8]) -> io::Result<RecvMeta> {
+        self.inner.recv(buf, true)
+    }
+}
