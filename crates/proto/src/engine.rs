@@ -740,7 +740,12 @@ impl Engine {
         let readable = match socket.state {
             State::Listening => socket.listen.as_ref().is_some_and(|l| !l.pending.is_empty()),
             _ => {
-                socket.has_unread()
+                let enough = match socket.socket_type {
+                    // SO_RCVLOWAT sets how much must be queued before POLLIN (`notify_poll_in`).
+                    SocketType::Stream => socket.credit.rx_bytes >= socket.options.rcvlowat,
+                    SocketType::Seqpacket => socket.has_unread(),
+                };
+                enough
                     || peer_gone
                     || socket.error.is_some()
                     || socket.shutdown.contains(ShutdownFlags::RECEIVE)

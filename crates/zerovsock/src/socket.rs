@@ -101,6 +101,12 @@ pub struct Inner {
     recv_lock: Mutex<()>,
 }
 
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Socket").field("id", &self.id).finish()
+    }
+}
+
 impl Drop for Inner {
     fn drop(&mut self) {
         let id = self.id;

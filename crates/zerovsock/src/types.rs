@@ -51,6 +51,7 @@ impl Kind for Seqpacket {
 /// A socket not yet connected or listening: set options first, then [`VsockSocket::connect`] or
 /// [`VsockSocket::listen`]. Options set on a listener are inherited by accepted connections,
 /// except SO_ZEROCOPY (as in Linux).
+#[derive(Debug)]
 pub struct VsockSocket<K: Kind> {
     inner: Inner,
     kind: PhantomData<K>,
@@ -156,6 +157,7 @@ impl<K: Kind> VsockSocket<K> {
 macro_rules! listener {
     ($name:ident, $kind:ident, $conn:ident, $doc:literal) => {
         #[doc = $doc]
+        #[derive(Debug)]
         pub struct $name {
             inner: Inner,
         }
@@ -322,6 +324,7 @@ macro_rules! connected {
 }
 
 /// A connected STREAM socket, like `std::net::TcpStream`.
+#[derive(Debug)]
 pub struct VsockStream {
     inner: Inner,
 }
@@ -373,6 +376,7 @@ impl Write for VsockStream {
 }
 
 /// A connected SEQPACKET socket: every send is one message, every receive returns one.
+#[derive(Debug)]
 pub struct VsockSeqpacket {
     inner: Inner,
 }
