@@ -113,6 +113,10 @@ pub struct SendRequest {
     pub zerocopy: bool,
     /// MSG_EOR (SEQPACKET).
     pub eor: bool,
+    /// Send at most this much in this pass. A driver that copies may send a copy-mode message
+    /// in several smaller passes so the peer starts reading before the copy is done; the
+    /// zerocopy decision still looks at the whole remaining message.
+    pub max_pass: usize,
 }
 
 /// How a socket looks to `poll`.
@@ -467,7 +471,7 @@ impl Engine {
         {
             return Err(SendError::MessageTooLong);
         }
-        let want = u32::try_from(request.remaining).unwrap_or(u32::MAX);
+        let want = u32::try_from(request.remaining.min(request.max_pass)).unwrap_or(u32::MAX);
         let granted = socket.credit.reserve(want);
         if granted == 0 && request.remaining > 0 {
             return Err(SendError::WouldBlock);

@@ -24,6 +24,8 @@ impl Host {
         Host::with(EngineConfig::new(HOST))
     }
 
+    // The virtual clock needs an origin; from there on time only moves through `advance`.
+    #[allow(clippy::disallowed_methods)]
     fn with(config: EngineConfig) -> Host {
         Host { engine: Engine::new(config), now: Instant::now() }
     }
@@ -62,7 +64,13 @@ impl Host {
     }
 
     fn send(&mut self, id: SocketId, data: &[u8], zerocopy: bool) -> Result<SendGrant, SendError> {
-        let request = SendRequest { remaining: data.len(), fresh: true, zerocopy, eor: false };
+        let request = SendRequest {
+            remaining: data.len(),
+            fresh: true,
+            zerocopy,
+            eor: false,
+            max_pass: usize::MAX,
+        };
         self.engine.begin_send(id, request)
     }
 }
@@ -339,7 +347,13 @@ fn data_is_split_at_64k_with_eom_and_eor_on_the_last_packet() {
     let mut host = Host::new();
     let child = host.established(SocketType::Seqpacket);
     let data = vec![9u8; 150_000];
-    let request = SendRequest { remaining: data.len(), fresh: true, zerocopy: false, eor: true };
+    let request = SendRequest {
+        remaining: data.len(),
+        fresh: true,
+        zerocopy: false,
+        eor: true,
+        max_pass: usize::MAX,
+    };
     let grant = host.engine.begin_send(child, request).unwrap();
     host.engine.finish_send(grant, Payload::from(data)).unwrap();
     let sent: Vec<(u32, u32)> = host.sent().iter().map(|p| (p.repr.len, p.repr.flags)).collect();
@@ -417,12 +431,24 @@ fn zerocopy_message_larger_than_credit_is_copied_over_several_ids() {
     let mut host = Host::new();
     let child = zerocopy_child(&mut host);
     host.deliver(Repr { buf_alloc: 100, ..stream(Op::CreditUpdate) }, &[]);
-    let request = SendRequest { remaining: 150, fresh: true, zerocopy: true, eor: false };
+    let request = SendRequest {
+        remaining: 150,
+        fresh: true,
+        zerocopy: true,
+        eor: false,
+        max_pass: usize::MAX,
+    };
     let first = host.engine.begin_send(child, request).unwrap();
     assert_eq!((first.len(), first.completion_id(), first.must_copy()), (100, Some(0), true));
     host.engine.finish_send(first, Payload::from(vec![0u8; 100])).unwrap();
     host.deliver(Repr { buf_alloc: 100, fwd_cnt: 100, ..stream(Op::CreditUpdate) }, &[]);
-    let request = SendRequest { remaining: 50, fresh: false, zerocopy: true, eor: false };
+    let request = SendRequest {
+        remaining: 50,
+        fresh: false,
+        zerocopy: true,
+        eor: false,
+        max_pass: usize::MAX,
+    };
     let second = host.engine.begin_send(child, request).unwrap();
     assert_eq!((second.len(), second.completion_id(), second.must_copy()), (50, Some(1), true));
     host.engine.finish_send(second, Payload::from(vec![0u8; 50])).unwrap();

@@ -7,12 +7,15 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use zerovsock_proto::{Engine, EngineConfig, Packet, SocketId};
 use zerovsock_wire::Cid;
+
+use crate::pool::BufferPool;
 
 /// Moves packets between an engine and whatever is on the other side of it.
 ///
@@ -30,10 +33,29 @@ pub trait Transport: Send + 'static {
 }
 
 /// What waits on one socket.
+///
+/// `generation` counts wake-ups, so a waiter can spin briefly without the lock before it
+/// sleeps; `sleepers` (changed only under the engine lock) spares the futex call when nobody
+/// sleeps.
 #[derive(Debug, Default)]
 pub(crate) struct Waiter {
-    pub(crate) ready: Condvar,
+    ready: Condvar,
+    generation: AtomicU64,
+    sleepers: AtomicUsize,
 }
+
+impl Waiter {
+    fn wake(&self) {
+        self.generation.fetch_add(1, Ordering::Release);
+        if self.sleepers.load(Ordering::Relaxed) > 0 {
+            self.ready.notify_all();
+        }
+    }
+}
+
+/// How long a waiter spins before it sleeps. A wake-up through the futex costs tens of
+/// microseconds on a VM; a peer thread on another core usually answers well within this.
+const SPIN: Duration = Duration::from_micros(50);
 
 pub(crate) struct Core {
     pub(crate) engine: Engine,
@@ -61,7 +83,7 @@ impl Core {
         }
         while let Some(id) = self.engine.poll_wakeup() {
             if let Some(waiter) = self.waiters.get(&id) {
-                waiter.ready.notify_all();
+                waiter.wake();
             }
         }
     }
@@ -80,6 +102,7 @@ pub(crate) struct Shared {
     core: Mutex<Core>,
     /// Wakes the clock thread when a timer may have moved earlier.
     clock: Condvar,
+    pool: Arc<BufferPool>,
 }
 
 pub(crate) type CoreGuard<'a> = MutexGuard<'a, Core>;
@@ -99,7 +122,11 @@ impl Shared {
             waiters: HashMap::new(),
             inbound: VecDeque::new(),
         };
-        let shared = Arc::new(Shared { core: Mutex::new(core), clock: Condvar::new() });
+        let shared = Arc::new(Shared {
+            core: Mutex::new(core),
+            clock: Condvar::new(),
+            pool: Arc::default(),
+        });
         spawn_clock(Arc::downgrade(&shared));
         shared
     }
@@ -152,12 +179,20 @@ impl Shared {
             if wait_for == Some(Duration::ZERO) {
                 return Err(io::ErrorKind::WouldBlock.into());
             }
+            let seen = waiter.generation.load(Ordering::Acquire);
+            drop(core);
+            let woken = spin(waiter, seen, wait_for.map_or(SPIN, |w| w.min(SPIN)));
+            core = self.lock();
+            if woken || waiter.generation.load(Ordering::Acquire) != seen {
+                continue;
+            }
             // Timers (connect, close) fire on the clock thread; cap the wait so a deadline set
             // by this very call is also honoured here.
             if let Some(timer) = core.engine.poll_timeout() {
                 let until_timer = timer.saturating_duration_since(now);
                 wait_for = Some(wait_for.map_or(until_timer, |w| w.min(until_timer)));
             }
+            waiter.sleepers.fetch_add(1, Ordering::Relaxed);
             core = match wait_for {
                 Some(duration) => {
                     waiter
@@ -168,6 +203,27 @@ impl Shared {
                 }
                 None => waiter.ready.wait(core).unwrap_or_else(PoisonError::into_inner),
             };
+            waiter.sleepers.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    pub(crate) fn pool(&self) -> &Arc<BufferPool> {
+        &self.pool
+    }
+}
+
+/// Spins up to `limit` for the waiter's generation to move past `seen`.
+fn spin(waiter: &Waiter, seen: u64, limit: Duration) -> bool {
+    let start = Instant::now();
+    loop {
+        for _ in 0..64 {
+            if waiter.generation.load(Ordering::Acquire) != seen {
+                return true;
+            }
+            std::hint::spin_loop();
+        }
+        if start.elapsed() >= limit {
+            return false;
         }
     }
 }

@@ -42,6 +42,7 @@
 mod core;
 mod error;
 mod loopback;
+mod pool;
 mod socket;
 mod types;
 mod zerocopy;

@@ -15,6 +15,7 @@ use zerovsock_wire::{Addr, ShutdownFlags, SocketType};
 
 use crate::core::{Shared, Waiter};
 use crate::error;
+use crate::pool::BufferPool;
 
 /// What one receive returned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,23 +68,22 @@ impl Source<'_> {
         }
     }
 
-    /// `len` bytes from `start`, copied into a fresh buffer.
-    fn copy(&self, start: usize, len: usize) -> Payload {
-        let mut buffer = Vec::with_capacity(len);
-        match self {
+    /// `len` bytes from `start`, copied into a pooled buffer.
+    fn copy(&self, pool: &Arc<BufferPool>, start: usize, len: usize) -> Payload {
+        let bytes = pool.filled(len, |buffer| match self {
             Source::Borrowed(bytes) => buffer.extend_from_slice(&bytes[start..start + len]),
             Source::Shared(payload) => {
                 for segment in payload.slice(start, len).segments() {
                     buffer.extend_from_slice(segment);
                 }
             }
-        }
-        Payload::from(buffer)
+        });
+        Payload::from_bytes(bytes)
     }
 
-    fn share(&self, start: usize, len: usize) -> Payload {
+    fn share(&self, pool: &Arc<BufferPool>, start: usize, len: usize) -> Payload {
         match self {
-            Source::Borrowed(_) => self.copy(start, len),
+            Source::Borrowed(_) => self.copy(pool, start, len),
             Source::Shared(payload) => payload.slice(start, len),
         }
     }
@@ -114,6 +114,9 @@ impl Drop for Inner {
         self.shared.lock().unregister(id);
     }
 }
+
+/// Largest copy-mode pass.
+const COPY_PASS: usize = 1024 * 1024;
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
@@ -203,7 +206,12 @@ impl Inner {
         let timeout = *lock(&self.write_timeout);
         let mut sent = 0;
         loop {
-            let request = SendRequest { remaining: total - sent, fresh: sent == 0, zerocopy, eor };
+            // Copy-mode messages go out in passes of a few packets, so the receiver reads the
+            // first while the rest is still being copied (Linux hands each skb over as it is
+            // filled). Zerocopy passes take all the credit there is, as Linux's do.
+            let max_pass = if zerocopy { usize::MAX } else { COPY_PASS };
+            let remaining = total - sent;
+            let request = SendRequest { remaining, fresh: sent == 0, zerocopy, eor, max_pass };
             let grant = self.wait(timeout, |engine, _| match engine.begin_send(self.id, request) {
                 Ok(grant) => Ok(Some(grant)),
                 Err(SendError::WouldBlock) => Ok(None),
@@ -217,8 +225,12 @@ impl Inner {
                 Err(e) => return Err(e),
             };
             let len = grant.len();
-            let payload =
-                if grant.must_copy() { source.copy(sent, len) } else { source.share(sent, len) };
+            let pool = self.shared.pool();
+            let payload = if grant.must_copy() {
+                source.copy(pool, sent, len)
+            } else {
+                source.share(pool, sent, len)
+            };
             self.shared
                 .with(|engine, _| engine.finish_send(grant, payload))
                 .map_err(error::send)?;

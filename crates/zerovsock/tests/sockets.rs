@@ -2,6 +2,8 @@
 //! zerocopy: resets, close, shutdown, SEQPACKET bounds, truncation, peek, timeouts, many
 //! connections, and bulk data integrity.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::io::{ErrorKind, Read, Write};

@@ -2,6 +2,8 @@
 //! seven for STREAM, six for SEQPACKET, with data hashes and the COPIED flag where the kernel
 //! expects them; plus the error-queue rules around them.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::io::Read;

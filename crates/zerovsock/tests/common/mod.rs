@@ -1,5 +1,5 @@
 //! Helpers shared by the loopback integration tests.
-#![allow(dead_code, missing_docs)]
+#![allow(dead_code, missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
 use std::io;
 use std::sync::atomic::{AtomicU32, Ordering};
