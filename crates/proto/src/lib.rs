@@ -72,10 +72,14 @@
 //! engine.commit_recv(server, lease);
 //! ```
 
+#[macro_use]
+mod macros;
+
 mod credit;
 mod dispatch;
 mod engine;
 mod error;
+mod options;
 mod packet;
 mod rx;
 mod socket;
