@@ -139,14 +139,19 @@ pub fn run(args: PerfArgs) -> Result<()> {
         if size > u64::from(u32::MAX) || size > args.bytes {
             bail!("size {size} must not exceed --bytes ({}) or 4 GiB", args.bytes);
         }
-        let memcpy =
-            median(&mut (0..args.runs).map(|_| memcpy_time(size, args.bytes)).collect::<Vec<_>>());
-        let memcpy_gbps = gbps(args.bytes, memcpy);
-        for &mode in &modes {
-            let buffer = args.vsk_size.unwrap_or(default_buffer(size, args.inflight));
-            let samples = (0..args.runs)
-                .map(|_| measure(&args, size, mode, buffer))
-                .collect::<Result<Vec<_>>>()?;
+        let buffer = args.vsk_size.unwrap_or(default_buffer(size, args.inflight));
+        // Interleave memcpy and the modes run by run, so drift on a shared machine hits all
+        // of them alike; report medians.
+        let mut memcpy = Vec::new();
+        let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); modes.len()];
+        for _ in 0..args.runs {
+            memcpy.push(memcpy_time(size, args.bytes));
+            for (mode, runs) in modes.iter().zip(&mut samples) {
+                runs.push(measure(&args, size, *mode, buffer)?);
+            }
+        }
+        let memcpy_gbps = gbps(args.bytes, median(&mut memcpy));
+        for (&mode, samples) in modes.iter().zip(&samples) {
             let send = median(&mut samples.iter().map(|s| s.send).collect::<Vec<_>>());
             let e2e = median(&mut samples.iter().map(|s| s.e2e).collect::<Vec<_>>());
             let sends: u64 = samples.iter().map(|s| s.sends).sum();

@@ -4,6 +4,8 @@
 //! application-facing half (open, bind, listen, connect, send, receive, options, close).
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
+
+use rustc_hash::FxHashMap;
 use std::time::{Duration, Instant};
 
 use zerovsock_wire::{
@@ -138,7 +140,9 @@ pub struct Readiness {
 #[derive(Debug)]
 pub struct Engine {
     pub(crate) config: EngineConfig,
-    pub(crate) sockets: HashMap<SocketId, Socket>,
+    /// Keyed by ids the engine hands out, so a fast hash is safe; the tables below are keyed
+    /// by addresses a peer chooses and keep the DoS-resistant default.
+    pub(crate) sockets: FxHashMap<SocketId, Socket>,
     next_socket: u64,
     pub(crate) bound: HashMap<Port, SocketId>,
     pub(crate) connected: HashMap<(Addr, Addr), SocketId>,
@@ -186,7 +190,7 @@ impl Engine {
         Engine {
             next_ephemeral: config.ephemeral_start,
             config,
-            sockets: HashMap::new(),
+            sockets: FxHashMap::default(),
             next_socket: 0,
             bound: HashMap::new(),
             connected: HashMap::new(),

@@ -1,16 +1,43 @@
 //! Packets as the engine hands them to a transport and takes them back.
 
 use bytes::Bytes;
+use smallvec::SmallVec;
 use zerovsock_wire::Repr;
 
 /// A packet payload: a list of shared buffers, never forced to be contiguous.
 ///
 /// A segment may be the application's own buffer (a zerocopy send), an internal copy, or a view
-/// into memory a transport owns. Cloning a payload clones reference counts, not bytes.
+/// into memory a transport owns. Cloning or slicing a payload clones reference counts, not bytes.
+/// Slices of one buffer that meet again (the packets of one send, read back in one go) are
+/// joined into one segment, so a reader copies them with one `memcpy`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Payload {
-    segments: Vec<Bytes>,
+    /// Most payloads are one view; keep it inline.
+    parts: SmallVec<[Part; 1]>,
     len: usize,
+}
+
+/// `buffer[start..end]`: the whole buffer is kept so that neighbouring views can be joined.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Part {
+    buffer: Bytes,
+    start: usize,
+    end: usize,
+}
+
+impl Part {
+    fn bytes(&self) -> &[u8] {
+        &self.buffer[self.start..self.end]
+    }
+
+    fn len(&self) -> usize {
+        self.end - self.start
+    }
+
+    /// Two views of the very same bytes (same address and length), so ranges may be joined.
+    fn same_buffer(&self, other: &Part) -> bool {
+        self.buffer.as_ptr() == other.buffer.as_ptr() && self.buffer.len() == other.buffer.len()
+    }
 }
 
 impl Payload {
@@ -28,10 +55,22 @@ impl Payload {
 
     /// Appends a segment; empty segments are skipped.
     pub fn push(&mut self, bytes: Bytes) {
-        if !bytes.is_empty() {
-            self.len += bytes.len();
-            self.segments.push(bytes);
+        let end = bytes.len();
+        self.push_part(Part { buffer: bytes, start: 0, end });
+    }
+
+    fn push_part(&mut self, part: Part) {
+        if part.len() == 0 {
+            return;
         }
+        self.len += part.len();
+        if let Some(last) = self.parts.last_mut() {
+            if last.same_buffer(&part) && last.end == part.start {
+                last.end = part.end;
+                return;
+            }
+        }
+        self.parts.push(part);
     }
 
     /// Total bytes over all segments.
@@ -44,15 +83,20 @@ impl Payload {
         self.len == 0
     }
 
-    /// The segments in order.
-    pub fn segments(&self) -> &[Bytes] {
-        &self.segments
+    /// The segments in order, as byte slices.
+    pub fn segments(&self) -> impl ExactSizeIterator<Item = &[u8]> + '_ {
+        self.parts.iter().map(Part::bytes)
+    }
+
+    /// The segments in order, as shared buffers (for a transport that keeps them).
+    pub fn to_bytes_segments(&self) -> impl ExactSizeIterator<Item = Bytes> + '_ {
+        self.parts.iter().map(|part| part.buffer.slice(part.start..part.end))
     }
 
     /// Copies the whole payload into one vector (for tests and small control data).
     pub fn to_vec(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.len);
-        for segment in &self.segments {
+        for segment in self.segments() {
             out.extend_from_slice(segment);
         }
         out
@@ -66,16 +110,17 @@ impl Payload {
         let mut out = Payload::new();
         let mut skip = start;
         let mut want = len;
-        for segment in &self.segments {
+        for part in &self.parts {
             if want == 0 {
                 break;
             }
-            if skip >= segment.len() {
-                skip -= segment.len();
+            if skip >= part.len() {
+                skip -= part.len();
                 continue;
             }
-            let take = (segment.len() - skip).min(want);
-            out.push(segment.slice(skip..skip + take));
+            let take = (part.len() - skip).min(want);
+            let from = part.start + skip;
+            out.push_part(Part { buffer: part.buffer.clone(), start: from, end: from + take });
             skip = 0;
             want -= take;
         }
@@ -86,7 +131,7 @@ impl Payload {
     pub fn copy_to(&self, start: usize, dst: &mut [u8]) -> usize {
         let mut skip = start;
         let mut written = 0;
-        for segment in &self.segments {
+        for segment in self.segments() {
             if written == dst.len() {
                 break;
             }
@@ -102,10 +147,10 @@ impl Payload {
         written
     }
 
-    /// Moves every segment of `other` to the end of `self`.
+    /// Moves every segment of `other` to the end of `self`, joining neighbouring views.
     pub fn append(&mut self, other: Payload) {
-        for segment in other.segments {
-            self.push(segment);
+        for part in other.parts {
+            self.push_part(part);
         }
     }
 }
@@ -156,6 +201,23 @@ mod tests {
         payload.push(Bytes::from_static(b"defg"));
         payload.push(Bytes::from_static(b"h"));
         payload
+    }
+
+    #[test]
+    fn neighbouring_slices_of_one_buffer_are_joined() {
+        let buffer = Payload::from_bytes(Bytes::from(vec![1u8; 300]));
+        let mut joined = buffer.slice(0, 100);
+        joined.append(buffer.slice(100, 100));
+        joined.append(buffer.slice(250, 50));
+        assert_eq!(joined.segments().len(), 2, "a gap keeps two segments");
+        assert_eq!(joined.len(), 250);
+    }
+
+    #[test]
+    fn equal_contents_in_different_buffers_are_not_joined() {
+        let mut payload = Payload::from_bytes(Bytes::from(vec![1u8; 10]));
+        payload.push(Bytes::from(vec![1u8; 10]));
+        assert_eq!(payload.segments().len(), 2);
     }
 
     #[test]

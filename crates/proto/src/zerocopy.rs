@@ -181,8 +181,8 @@ pub(crate) fn guard_payload(
 ) -> Payload {
     let guard = Arc::new(PassGuard { sink: sink.clone(), socket, id, copied });
     let mut out = Payload::new();
-    for segment in payload.segments() {
-        out.push(Bytes::from_owner(Guarded { bytes: segment.clone(), _guard: guard.clone() }));
+    for segment in payload.to_bytes_segments() {
+        out.push(Bytes::from_owner(Guarded { bytes: segment, _guard: guard.clone() }));
     }
     out
 }

@@ -36,12 +36,24 @@ pub trait Transport: Send + 'static {
 ///
 /// `generation` counts wake-ups, so a waiter can spin briefly without the lock before it
 /// sleeps; `sleepers` (changed only under the engine lock) spares the futex call when nobody
-/// sleeps.
-#[derive(Debug, Default)]
+/// sleeps; `spin_ns` is how long the next wait spins, adapted to how long waits turn out to be.
+#[derive(Debug)]
 pub(crate) struct Waiter {
     ready: Condvar,
     generation: AtomicU64,
     sleepers: AtomicUsize,
+    spin_ns: AtomicU64,
+}
+
+impl Default for Waiter {
+    fn default() -> Waiter {
+        Waiter {
+            ready: Condvar::new(),
+            generation: AtomicU64::new(0),
+            sleepers: AtomicUsize::new(0),
+            spin_ns: AtomicU64::new(SPIN_MIN.as_nanos() as u64),
+        }
+    }
 }
 
 impl Waiter {
@@ -51,11 +63,28 @@ impl Waiter {
             self.ready.notify_all();
         }
     }
+
+    fn spin_budget(&self) -> Duration {
+        Duration::from_nanos(self.spin_ns.load(Ordering::Relaxed))
+    }
+
+    /// A wait took `waited`: if spinning that long would have caught it, spin that long (with
+    /// margin) next time; if not, spin less.
+    fn learn(&self, waited: Duration) {
+        let next = if waited <= SPIN_MAX {
+            (waited * 2).clamp(SPIN_MIN, SPIN_MAX)
+        } else {
+            (self.spin_budget() / 2).max(SPIN_MIN)
+        };
+        self.spin_ns.store(next.as_nanos() as u64, Ordering::Relaxed);
+    }
 }
 
-/// How long a waiter spins before it sleeps. A wake-up through the futex costs tens of
-/// microseconds on a VM; a peer thread on another core usually answers well within this.
-const SPIN: Duration = Duration::from_micros(50);
+/// Bounds of the spin before a waiter sleeps. Waking a sleeping thread costs tens to hundreds of
+/// microseconds on a VM (the idle vCPU must be woken too), while the peer thread on the other
+/// core usually answers sooner; waits that turn out long shrink the spin back to the minimum.
+const SPIN_MIN: Duration = Duration::from_micros(20);
+const SPIN_MAX: Duration = Duration::from_micros(300);
 
 pub(crate) struct Core {
     pub(crate) engine: Engine,
@@ -181,9 +210,12 @@ impl Shared {
             }
             let seen = waiter.generation.load(Ordering::Acquire);
             drop(core);
-            let woken = spin(waiter, seen, wait_for.map_or(SPIN, |w| w.min(SPIN)));
+            let started = Instant::now();
+            let budget = waiter.spin_budget();
+            let woken = spin(waiter, seen, wait_for.map_or(budget, |w| w.min(budget)));
             core = self.lock();
             if woken || waiter.generation.load(Ordering::Acquire) != seen {
+                waiter.learn(started.elapsed());
                 continue;
             }
             // Timers (connect, close) fire on the clock thread; cap the wait so a deadline set
@@ -195,15 +227,12 @@ impl Shared {
             waiter.sleepers.fetch_add(1, Ordering::Relaxed);
             core = match wait_for {
                 Some(duration) => {
-                    waiter
-                        .ready
-                        .wait_timeout(core, duration)
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .0
+                    waiter.ready.wait_timeout(core, duration).unwrap_or_else(PoisonError::into_inner).0
                 }
                 None => waiter.ready.wait(core).unwrap_or_else(PoisonError::into_inner),
             };
             waiter.sleepers.fetch_sub(1, Ordering::Relaxed);
+            waiter.learn(started.elapsed());
         }
     }
 
