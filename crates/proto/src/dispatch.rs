@@ -28,7 +28,13 @@ pub enum Disposition {
 
 impl Engine {
     /// Handles one packet from the transport.
+    ///
+    /// Timers already due at `now` fire first: a RESPONSE that arrives after the connect
+    /// deadline finds the attempt failed, as it would have if the driver had been on time.
     pub fn handle_packet(&mut self, now: Instant, packet: Packet) -> Disposition {
+        if self.poll_timeout().is_some_and(|deadline| deadline <= now) {
+            self.handle_timeout(now);
+        }
         self.poll_completions();
         let repr = packet.repr;
         if repr.dst.cid != self.config.local_cid {
@@ -47,7 +53,7 @@ impl Engine {
             socket.credit.update_from_peer(repr.buf_alloc, repr.fwd_cnt);
         }
         match socket.state {
-            State::Listening => self.on_listening(now, id, packet),
+            State::Listening => self.on_listening(id, packet),
             State::Connecting => self.on_connecting(id, &repr),
             State::Established => self.on_established(id, packet),
             State::Closing => self.on_closing(id, &repr),
@@ -121,7 +127,7 @@ impl Engine {
         (cid_ok && socket.state == State::Listening).then_some(id)
     }
 
-    fn on_listening(&mut self, now: Instant, listener: SocketId, packet: Packet) -> Disposition {
+    fn on_listening(&mut self, listener: SocketId, packet: Packet) -> Disposition {
         let repr = packet.repr;
         if repr.op != Op::Request {
             self.out.reset_reply(&repr);
@@ -139,7 +145,6 @@ impl Engine {
         let mut options: Options = parent.options;
         options.zerocopy = false;
         let child = self.accept_child(repr, options);
-        let _ = now;
         if let Some(parent) = self.sockets.get_mut(&listener) {
             if let Some(listen) = parent.listen.as_mut() {
                 listen.pending.push_back(child);

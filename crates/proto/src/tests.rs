@@ -200,6 +200,17 @@ fn connect_times_out_after_two_seconds() {
 }
 
 #[test]
+fn response_after_the_deadline_does_not_establish() {
+    let mut host = Host::new();
+    let id = connecting(&mut host);
+    let request = host.sent().remove(0);
+    host.now += Duration::from_secs(3);
+    host.deliver(reply_to(&request, Op::Response), &[]);
+    assert_eq!(host.ops(), [Op::Rst]);
+    assert_eq!(host.engine.connect_result(id), Err(ConnectError::Failed(SocketError::TimedOut)));
+}
+
+#[test]
 fn connect_refused_by_rst_is_connection_reset() {
     let mut host = Host::new();
     let id = connecting(&mut host);

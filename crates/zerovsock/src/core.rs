@@ -227,7 +227,11 @@ impl Shared {
             waiter.sleepers.fetch_add(1, Ordering::Relaxed);
             core = match wait_for {
                 Some(duration) => {
-                    waiter.ready.wait_timeout(core, duration).unwrap_or_else(PoisonError::into_inner).0
+                    waiter
+                        .ready
+                        .wait_timeout(core, duration)
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0
                 }
                 None => waiter.ready.wait(core).unwrap_or_else(PoisonError::into_inner),
             };
