@@ -1,0 +1,139 @@
+//! The VM lab: real Linux guests for the tests that need the kernel's vsock.
+//!
+//! The host this project is developed on must never open an `AF_VSOCK` socket itself, so kernel
+//! vsock code runs only inside guests the lab boots: Debian's newest 6.12 cloud kernel under
+//! QEMU's software emulation (`-accel tcg,thread=multi -cpu max`; KVM here cannot boot a normal
+//! kernel), with an initramfs of static busybox, the vsock modules (`vsock`,
+//! `vmw_vsock_virtio_transport_common`, `vmw_vsock_virtio_transport`, `vsock_loopback`) and the
+//! project's static binaries. Guests get no vsock device unless a vhost-user backend socket is
+//! named, so a guest's vsock traffic stays on its own `vsock_loopback` (CID 1).
+//!
+//! A guest is marked twice — `zerovsock.lab=1` on its kernel command line and the file
+//! [`GUEST_MARKER`] — and [`in_lab_guest`] checks both, for tests that must refuse to run
+//! anywhere else.
+//!
+//! ```no_run
+//! let lab = zerovsock_lab::Lab::prepare()?;
+//! let outcome = lab.run(&[], "echo hello from the guest", &zerovsock_lab::Guest::default())?;
+//! assert_eq!(outcome.exit, 0);
+//! # Ok::<(), anyhow::Error>(())
+//! ```
+
+mod initramfs;
+mod qemu;
+mod setup;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+pub use initramfs::{Cpio, GUEST_CMDLINE_FLAG, GUEST_MARKER};
+pub use qemu::{Guest, NetLink, Outcome};
+pub use setup::Kernel;
+
+/// Whether this process runs inside a guest the lab booted.
+pub fn in_lab_guest() -> bool {
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    cmdline.split_whitespace().any(|word| word == GUEST_CMDLINE_FLAG)
+        && Path::new(GUEST_MARKER).exists()
+}
+
+/// A prepared lab: packages installed, kernel unpacked.
+#[derive(Debug, Clone)]
+pub struct Lab {
+    cache: PathBuf,
+    kernel: Kernel,
+    applets: Vec<String>,
+}
+
+impl Lab {
+    /// Installs what is missing and unpacks the kernel into the cache (`$ZEROVSOCK_LAB_DIR`, or
+    /// `target/lab` of the workspace).
+    pub fn prepare() -> Result<Lab> {
+        let cache = match std::env::var_os("ZEROVSOCK_LAB_DIR") {
+            Some(dir) => PathBuf::from(dir),
+            None => workspace_root()?.join("target/lab"),
+        };
+        std::fs::create_dir_all(&cache).with_context(|| format!("creating {}", cache.display()))?;
+        setup::ensure_packages()?;
+        let kernel = setup::fetch_kernel(&cache)?;
+        let applets = setup::busybox_applets()?;
+        Ok(Lab { cache, kernel, applets })
+    }
+
+    /// The guest kernel.
+    pub fn kernel(&self) -> &Kernel {
+        &self.kernel
+    }
+
+    /// Boots a guest with `binaries` in `/bin`, runs `script` with `sh`, and returns its exit
+    /// status and output.
+    pub fn run(&self, binaries: &[PathBuf], script: &str, guest: &Guest) -> Result<Outcome> {
+        let workdir = tempdir(&self.cache)?;
+        let image = initramfs::Image {
+            busybox: Path::new(setup::BUSYBOX),
+            applets: &self.applets,
+            modules: &self.kernel.modules,
+            binaries,
+            script,
+        };
+        let initramfs = workdir.join("initramfs.cpio");
+        initramfs::write_file(&initramfs, &initramfs::build(&image)?)?;
+        let outcome = guest.run(&self.kernel, &initramfs, &workdir);
+        if outcome.is_ok() {
+            let _ = std::fs::remove_dir_all(&workdir);
+        }
+        outcome
+    }
+}
+
+fn tempdir(cache: &Path) -> Result<PathBuf> {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos();
+    let dir = cache.join(format!("run-{}-{nanos}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// The workspace root, from cargo.
+pub fn workspace_root() -> Result<PathBuf> {
+    let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["locate-project", "--workspace", "--message-format", "plain"])
+        .output()
+        .context("running cargo locate-project")?;
+    if !out.status.success() {
+        bail!("cargo locate-project failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let manifest = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    Ok(manifest.parent().context("manifest has no parent")?.to_path_buf())
+}
+
+/// Builds the test binaries of `package` as static executables for the guest and returns
+/// their paths.
+pub fn build_static_tests(package: &str) -> Result<Vec<PathBuf>> {
+    let root = workspace_root()?;
+    let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .current_dir(&root)
+        .args(["test", "--no-run", "--release", "--locked", "-p", package])
+        .args(["--target", "x86_64-unknown-linux-gnu", "--message-format", "json"])
+        .arg("--target-dir")
+        .arg(root.join("target/guest"))
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("building guest tests")?;
+    if !out.status.success() {
+        bail!("building the guest tests of {package} failed");
+    }
+    let mut binaries = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(message) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        if let Some(path) = message.get("executable").and_then(|e| e.as_str()) {
+            binaries.push(PathBuf::from(path));
+        }
+    }
+    if binaries.is_empty() {
+        bail!("cargo built no test binary for {package}");
+    }
+    Ok(binaries)
+}

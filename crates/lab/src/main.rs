@@ -1,0 +1,143 @@
+//! `zerovsock-lab`: boot the project's guests.
+//!
+//! * `run [--bin FILE]... -- SCRIPT`: boot a guest with those binaries in `/bin`, run the
+//!   script, print its output, exit with its status.
+//! * `guest-tests [--package P]`: build P's tests as static binaries and run them inside a
+//!   guest (their guest-only tests are `#[ignore]`d on the host and run here with `--ignored`).
+//! * `selftest`: two guests at once, joined by a network link, exchange a line.
+
+use std::path::PathBuf;
+use std::thread;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use clap::{Parser, Subcommand};
+use zerovsock_lab::{build_static_tests, Guest, Lab, NetLink};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "zerovsock-lab",
+    about = "Boot Linux guests under QEMU for the project's kernel tests"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+    /// Kill a guest after this many seconds.
+    #[arg(long, global = true, default_value_t = 600)]
+    timeout: u64,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run a shell script in a fresh guest.
+    Run {
+        /// Host files to put in the guest's /bin.
+        #[arg(long = "bin")]
+        binaries: Vec<PathBuf>,
+        /// The script (joined with spaces).
+        #[arg(last = true, required = true)]
+        script: Vec<String>,
+    },
+    /// Build a package's tests statically and run them in a guest.
+    GuestTests {
+        /// The package whose tests to run.
+        #[arg(long, default_value = "zerovsock-linux")]
+        package: String,
+    },
+    /// Boot two guests with a network link between them and pass a line across.
+    Selftest,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let guest = Guest { timeout: Duration::from_secs(cli.timeout), ..Guest::default() };
+    match cli.command {
+        Cmd::Run { binaries, script } => {
+            let lab = Lab::prepare()?;
+            let outcome = lab.run(&binaries, &script.join(" "), &guest)?;
+            print!("{}", outcome.output);
+            eprintln!(
+                "lab: boot {:.1?}, total {:.1?}, exit {}",
+                outcome.boot_time, outcome.total_time, outcome.exit
+            );
+            std::process::exit(outcome.exit);
+        }
+        Cmd::GuestTests { package } => guest_tests(&package, &guest),
+        Cmd::Selftest => selftest(&guest),
+    }
+}
+
+fn guest_tests(package: &str, guest: &Guest) -> Result<()> {
+    let binaries = build_static_tests(package)?;
+    let lab = Lab::prepare()?;
+    let mut script = String::from("status=0\n");
+    for binary in &binaries {
+        let name = binary.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        script.push_str(&format!(
+            "echo \"== {name}\"\n/bin/{name} --ignored --test-threads=1 || status=1\n"
+        ));
+    }
+    script.push_str("exit $status\n");
+    let outcome = lab.run(&binaries, &script, guest)?;
+    print!("{}", outcome.output);
+    println!(
+        "lab: {} on {}: boot {:.1?}, suite {:.1?}, total {:.1?}",
+        package,
+        lab.kernel().package,
+        outcome.boot_time,
+        outcome.total_time.saturating_sub(outcome.boot_time),
+        outcome.total_time
+    );
+    if outcome.exit != 0 {
+        bail!("guest tests of {package} failed (exit {})", outcome.exit);
+    }
+    Ok(())
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn selftest(guest: &Guest) -> Result<()> {
+    let lab = Lab::prepare()?;
+    let port = free_port()?;
+    // Addresses from TEST-NET-1: they exist only on the emulated link between the two guests.
+    let listener_script = "ip addr add 192.0.2.1/24 dev eth0 && ip link set eth0 up\n\
+                           nc -l -p 7000 > /tmp/got\n\
+                           cat /tmp/got\n\
+                           grep -q hello-across-the-link /tmp/got\n";
+    let sender_script = "ip addr add 192.0.2.2/24 dev eth0 && ip link set eth0 up\n\
+                         i=0\n\
+                         while [ $i -lt 100 ]; do\n\
+                           echo hello-across-the-link | nc 192.0.2.1 7000 && exit 0\n\
+                           i=$((i+1)); sleep 0.3\n\
+                         done\n\
+                         exit 1\n";
+    let first = Guest {
+        net: Some(NetLink::Listen(port)),
+        mac: "52:54:00:00:00:01".into(),
+        ..guest.clone()
+    };
+    let second = Guest {
+        net: Some(NetLink::Connect(port)),
+        mac: "52:54:00:00:00:02".into(),
+        ..guest.clone()
+    };
+    let lab_a = lab.clone();
+    let a = thread::spawn(move || lab_a.run(&[], listener_script, &first));
+    thread::sleep(Duration::from_millis(500));
+    let b = lab.run(&[], sender_script, &second)?;
+    let a = a.join().map_err(|_| anyhow::anyhow!("guest thread panicked"))??;
+    println!(
+        "lab selftest: listener exit {} ({:.1?} boot), sender exit {} ({:.1?} boot)\n{}",
+        a.exit, a.boot_time, b.exit, b.boot_time, a.output
+    );
+    if a.exit != 0 || b.exit != 0 {
+        bail!(
+            "two-guest link test failed:\n--- listener\n{}\n--- sender\n{}",
+            a.console,
+            b.console
+        );
+    }
+    Ok(())
+}
