@@ -3,6 +3,8 @@
 //! * `zerovsock perf`: copy vs zerocopy throughput on the in-process loopback, with `memcpy`
 //!   of the same sizes measured in the same run (see `perf.rs`).
 
+#![forbid(unsafe_code)]
+
 use clap::{Parser, Subcommand};
 
 mod perf;

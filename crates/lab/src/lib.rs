@@ -19,6 +19,8 @@
 //! # Ok::<(), anyhow::Error>(())
 //! ```
 
+#![forbid(unsafe_code)]
+
 mod initramfs;
 mod qemu;
 mod setup;

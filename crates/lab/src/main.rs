@@ -6,6 +6,8 @@
 //!   guest (their guest-only tests are `#[ignore]`d on the host and run here with `--ignored`).
 //! * `selftest`: two guests at once, joined by a network link, exchange a line.
 
+#![forbid(unsafe_code)]
+
 use std::path::PathBuf;
 use std::thread;
 use std::time::Duration;

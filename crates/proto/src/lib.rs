@@ -72,6 +72,8 @@
 //! engine.commit_recv(server, lease);
 //! ```
 
+#![forbid(unsafe_code)]
+
 #[macro_use]
 mod macros;
 

@@ -16,6 +16,8 @@
 //! assert!(report.steps > 0);
 //! ```
 
+#![forbid(unsafe_code)]
+
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 

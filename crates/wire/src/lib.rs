@@ -30,6 +30,8 @@
 //! assert_eq!(parsed, repr);
 //! ```
 
+#![forbid(unsafe_code)]
+
 use core::fmt;
 
 /// Size of `struct virtio_vsock_hdr` on the wire (virtio 1.3 §5.10.6).

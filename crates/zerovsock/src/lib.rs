@@ -39,6 +39,8 @@
 //! # Ok::<(), std::io::Error>(())
 //! ```
 
+#![forbid(unsafe_code)]
+
 mod core;
 mod error;
 mod loopback;

@@ -1,0 +1,358 @@
+//! What every kernel vsock socket shares: the descriptor, options, and the zerocopy tracker.
+
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use zerovsock_proto::{Completion, Readiness};
+use zerovsock_wire::{Addr, SocketType};
+
+use crate::sys;
+use crate::zerocopy::{Owner, Tracker};
+
+/// Readiness to wait for, as `poll` events.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Interest {
+    /// POLLIN.
+    pub readable: bool,
+    /// POLLOUT.
+    pub writable: bool,
+}
+
+impl Interest {
+    /// POLLIN.
+    pub const READABLE: Interest = Interest { readable: true, writable: false };
+    /// POLLOUT.
+    pub const WRITABLE: Interest = Interest { readable: false, writable: true };
+    /// No events: `poll` with `events = 0` still reports POLLERR (pending completions) and
+    /// POLLHUP.
+    pub const NONE: Interest = Interest { readable: false, writable: false };
+}
+
+/// What one receive returned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecvMeta {
+    /// Bytes written into the caller's buffer.
+    pub len: usize,
+    /// The whole message length (SEQPACKET, with MSG_TRUNC); `len` for STREAM.
+    pub message_len: usize,
+    /// MSG_EOR was set on the message.
+    pub eor: bool,
+}
+
+impl RecvMeta {
+    /// Bytes were discarded because the buffer was smaller than the message.
+    pub fn truncated(&self) -> bool {
+        self.message_len > self.len
+    }
+}
+
+/// How long `Drop` waits for outstanding zerocopy completions before leaking their buffers.
+pub const DEFAULT_LINGER: Duration = Duration::from_secs(2);
+
+#[doc(hidden)]
+pub struct Inner {
+    fd: OwnedFd,
+    socket_type: SocketType,
+    zerocopy: Mutex<Tracker>,
+    /// SO_ZEROCOPY as last set through this handle (off on new and accepted sockets).
+    zerocopy_enabled: AtomicBool,
+    nonblocking: AtomicBool,
+    /// SO_SNDTIMEO as last set, for the waits the library does itself.
+    write_timeout: Mutex<Option<Duration>>,
+    linger: Mutex<Duration>,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Socket").field("fd", &self.fd).field("type", &self.socket_type).finish()
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Inner {
+    pub(crate) fn open(socket_type: SocketType) -> io::Result<Inner> {
+        Ok(Inner::from_fd(sys::socket(socket_type)?, socket_type))
+    }
+
+    pub(crate) fn from_fd(fd: OwnedFd, socket_type: SocketType) -> Inner {
+        Inner {
+            fd,
+            socket_type,
+            zerocopy: Mutex::default(),
+            zerocopy_enabled: AtomicBool::new(false),
+            nonblocking: AtomicBool::new(false),
+            write_timeout: Mutex::new(None),
+            linger: Mutex::new(DEFAULT_LINGER),
+        }
+    }
+
+    pub(crate) fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    pub(crate) fn accept(&self) -> io::Result<(Inner, Addr)> {
+        let (fd, peer) = sys::accept(self.fd())?;
+        Ok((Inner::from_fd(fd, self.socket_type), peer))
+    }
+
+    pub(crate) fn set_nonblocking(&self, nonblocking: bool) -> io::Result<()> {
+        sys::set_nonblocking(self.fd(), nonblocking)?;
+        self.nonblocking.store(nonblocking, Ordering::Relaxed);
+        Ok(())
+    }
+
+    pub(crate) fn set_timeout(&self, name: i32, timeout: Option<Duration>) -> io::Result<()> {
+        if timeout == Some(Duration::ZERO) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "cannot set a 0 duration timeout",
+            ));
+        }
+        sys::set_option(self.fd(), libc::SOL_SOCKET, name, sys::timeval(timeout))?;
+        if name == libc::SO_SNDTIMEO {
+            *lock(&self.write_timeout) = timeout;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn timeout(&self, name: i32) -> io::Result<Option<Duration>> {
+        let value: libc::timeval = sys::option(self.fd(), libc::SOL_SOCKET, name)?;
+        Ok(sys::duration(value))
+    }
+
+    pub(crate) fn set_vsock_u64(&self, name: i32, value: u64) -> io::Result<()> {
+        sys::set_option(self.fd(), libc::AF_VSOCK, name, value)
+    }
+
+    pub(crate) fn vsock_u64(&self, name: i32) -> io::Result<u64> {
+        sys::option(self.fd(), libc::AF_VSOCK, name)
+    }
+
+    pub(crate) fn set_zerocopy(&self, enabled: bool) -> io::Result<()> {
+        sys::set_option(
+            self.fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ZEROCOPY,
+            libc::c_int::from(enabled),
+        )?;
+        self.zerocopy_enabled.store(enabled, Ordering::Relaxed);
+        Ok(())
+    }
+
+    pub(crate) fn zerocopy(&self) -> io::Result<bool> {
+        let value: libc::c_int = sys::option(self.fd(), libc::SOL_SOCKET, libc::SO_ZEROCOPY)?;
+        Ok(value != 0)
+    }
+
+    pub(crate) fn set_linger(&self, linger: Duration) {
+        *lock(&self.linger) = linger;
+    }
+
+    pub(crate) fn readiness(&self) -> io::Result<Readiness> {
+        self.poll(Interest { readable: true, writable: true }, Some(Duration::ZERO))
+    }
+
+    /// `poll(2)`; `None` waits forever. Empty readiness on timeout.
+    pub(crate) fn poll(
+        &self,
+        interest: Interest,
+        timeout: Option<Duration>,
+    ) -> io::Result<Readiness> {
+        let mut events = 0;
+        if interest.readable {
+            events |= libc::POLLIN;
+        }
+        if interest.writable {
+            events |= libc::POLLOUT;
+        }
+        events |= libc::POLLRDHUP;
+        let revents = sys::poll(self.fd(), events, timeout)?;
+        let queued = lock(&self.zerocopy).has_queued();
+        Ok(Readiness {
+            readable: revents & libc::POLLIN != 0,
+            writable: revents & libc::POLLOUT != 0,
+            error: revents & libc::POLLERR != 0 || queued,
+            hangup: revents & libc::POLLHUP != 0,
+            read_closed: revents & libc::POLLRDHUP != 0,
+        })
+    }
+
+    /// Reads every completion the kernel has queued into the tracker (releasing buffers).
+    fn drain_completions(&self, tracker: &mut Tracker) -> io::Result<()> {
+        let seqpacket = self.socket_type == SocketType::Seqpacket;
+        while let Some(completion) = sys::recv_completion(self.fd())? {
+            tracker.completed(completion, seqpacket);
+        }
+        Ok(())
+    }
+
+    /// The oldest completion (`recvmsg(MSG_ERRQUEUE)`); `WouldBlock` when none is queued.
+    pub(crate) fn recv_completion(&self) -> io::Result<Completion> {
+        let mut tracker = lock(&self.zerocopy);
+        if let Some(completion) = tracker.pop() {
+            return Ok(completion);
+        }
+        self.drain_completions(&mut tracker)?;
+        tracker.pop().ok_or_else(|| io::Error::from_raw_os_error(libc::EAGAIN))
+    }
+
+    pub(crate) fn next_completion_id(&self) -> u32 {
+        lock(&self.zerocopy).next_id()
+    }
+
+    pub(crate) fn pinned_buffers(&self) -> usize {
+        lock(&self.zerocopy).pinned()
+    }
+
+    /// One MSG_ZEROCOPY send of `bufs`; `owners` keep their memory alive until every pass
+    /// that carried them has completed. STREAM: non-blocking passes, the library waits for
+    /// room in between (see `zerocopy.rs`); SEQPACKET: one call per message.
+    pub(crate) fn send_zerocopy(&self, bufs: &[&[u8]], owners: Vec<Owner>) -> io::Result<usize> {
+        let enabled = self.zerocopy_enabled.load(Ordering::Relaxed);
+        let mut tracker = lock(&self.zerocopy);
+        // Free whatever the kernel is done with before pinning more.
+        self.drain_completions(&mut tracker)?;
+        let mut ids = Vec::new();
+        let result = match self.socket_type {
+            SocketType::Stream => self.stream_passes(bufs, &mut |sent| {
+                if enabled && sent > 0 {
+                    ids.push(tracker.take_id());
+                }
+            }),
+            SocketType::Seqpacket => {
+                sys::sendmsg(self.fd(), bufs, libc::MSG_ZEROCOPY).inspect(|&sent| {
+                    if enabled && sent > 0 {
+                        ids.push(tracker.take_id());
+                    }
+                })
+            }
+        };
+        // Pinned even when the send failed part-way: earlier passes may still be in flight.
+        tracker.pin(ids, owners);
+        result
+    }
+
+    /// Non-blocking MSG_ZEROCOPY passes until everything is sent, waiting for POLLOUT in
+    /// between as a blocking socket would (honouring SO_SNDTIMEO). `pass` sees each pass's
+    /// byte count.
+    fn stream_passes(&self, bufs: &[&[u8]], pass: &mut dyn FnMut(usize)) -> io::Result<usize> {
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        let blocking = !self.nonblocking.load(Ordering::Relaxed);
+        let deadline = lock(&self.write_timeout).map(|t| Instant::now() + t);
+        let mut sent = 0;
+        while sent < total {
+            let rest = skip(bufs, sent);
+            match sys::sendmsg(self.fd(), &rest, libc::MSG_ZEROCOPY | libc::MSG_DONTWAIT) {
+                Ok(n) => {
+                    pass(n);
+                    sent += n;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && blocking => {
+                    let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+                    if left == Some(Duration::ZERO) {
+                        return if sent > 0 { Ok(sent) } else { Err(e) };
+                    }
+                    sys::poll(self.fd(), libc::POLLOUT, left)?;
+                }
+                // Like the kernel: once bytes moved, report them; the error recurs next call.
+                Err(_) if sent > 0 => return Ok(sent),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(sent)
+    }
+
+    /// Raw zerocopy send for callers that manage their own memory. STREAM sends never wait
+    /// (one pass: what the credit allows, or EAGAIN), so the send takes exactly one id.
+    ///
+    /// # Safety
+    /// See [`sys::sendmsg_raw`]: the ranges must stay mapped and unchanged until the
+    /// completion covering this send's id ([`Inner::next_completion_id`] before the call).
+    #[allow(unsafe_code)]
+    pub(crate) unsafe fn send_zerocopy_raw(
+        &self,
+        ranges: &[(*const u8, usize)],
+    ) -> io::Result<usize> {
+        let enabled = self.zerocopy_enabled.load(Ordering::Relaxed);
+        let mut tracker = lock(&self.zerocopy);
+        self.drain_completions(&mut tracker)?;
+        let flags = match self.socket_type {
+            SocketType::Stream => libc::MSG_ZEROCOPY | libc::MSG_DONTWAIT,
+            SocketType::Seqpacket => libc::MSG_ZEROCOPY,
+        };
+        // SAFETY: forwarded from the caller's contract.
+        let sent = unsafe { sys::sendmsg_raw(self.fd(), ranges, flags) }?;
+        if enabled && sent > 0 {
+            tracker.take_id();
+        }
+        Ok(sent)
+    }
+
+    /// Waits until no buffer is pinned, or `timeout` passes. Returns whether all came back.
+    pub(crate) fn drain(&self, timeout: Duration) -> io::Result<bool> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            {
+                let mut tracker = lock(&self.zerocopy);
+                self.drain_completions(&mut tracker)?;
+                if tracker.pinned() == 0 {
+                    return Ok(true);
+                }
+                if !tracker.in_sync() {
+                    return Ok(false);
+                }
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(false);
+            }
+            sys::poll(self.fd(), 0, Some(left.min(Duration::from_millis(50))))?;
+        }
+    }
+}
+
+/// The unsent rest of `bufs` after `skip` bytes.
+fn skip<'a>(bufs: &[&'a [u8]], mut skip: usize) -> Vec<&'a [u8]> {
+    let mut rest = Vec::with_capacity(bufs.len());
+    for buf in bufs {
+        if skip >= buf.len() {
+            skip -= buf.len();
+            continue;
+        }
+        rest.push(&buf[skip..]);
+        skip = 0;
+    }
+    rest
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        let pinned = lock(&self.zerocopy).pinned();
+        if pinned == 0 {
+            return;
+        }
+        let linger = *lock(&self.linger);
+        // Errors here only shorten the wait; whatever is still pinned is leaked below.
+        let _ = self.drain(linger);
+        lock(&self.zerocopy).leak_pinned();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn skip_resumes_inside_the_right_buffer() {
+        let (a, b, c) = (&b"abc"[..], &b"de"[..], &b"fgh"[..]);
+        let rest = skip(&[a, b, c], 4);
+        assert_eq!(rest, vec![&b"e"[..], &b"fgh"[..]]);
+        assert!(skip(&[a], 3).is_empty());
+    }
+}

@@ -1,0 +1,225 @@
+//! Keeping zerocopy buffers alive until the kernel is done with them.
+//!
+//! With `MSG_ZEROCOPY` the kernel takes references to the pages of the send and reads them
+//! after `sendmsg` returns: on loopback until the receiving application has read the data, on
+//! virtio until the device has consumed the descriptors. The pages are free again when the
+//! completion for the send's id arrives on the error queue. The kernel numbers ids per socket,
+//! from 0, one per transport send *pass*; the [`Tracker`] mirrors that counter and holds each
+//! buffer until a completion covers its id.
+//!
+//! Keeping the mirror exact:
+//! * STREAM sends are issued with `MSG_DONTWAIT` and the library does the waiting. Without the
+//!   socket lock being dropped mid-call, the kernel makes exactly one pass per call (it takes
+//!   whatever credit there is, then finds none left), so one call that moved bytes is one id.
+//! * A SEQPACKET message must go in one call, so a blocking call may make several passes when
+//!   the message exceeds the free credit. Every such pass is a copy (COPIED), so its pages are
+//!   free when the call returns, but it may have taken more than one id, and the ids of later
+//!   sends can no longer be predicted. After a COPIED SEQPACKET completion the tracker stops
+//!   matching: the buffers still held stay held until the socket is closed.
+//! * A completion for an id the mirror never handed out means the same; it is handled the
+//!   same way.
+//!
+//! Closing a socket with buffers in flight: `Drop` waits up to the linger time for their
+//! completions (the kernel drops notifications of a closed socket, so this is the last chance
+//! to learn of them); buffers still not covered are leaked, never freed, so no freed memory is
+//! ever read by the kernel. [`leaked_buffers`] counts them.
+
+use std::any::Any;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use zerovsock_proto::Completion;
+
+static LEAKED: AtomicUsize = AtomicUsize::new(0);
+
+/// Buffers this process leaked because their sockets closed before the kernel reported them
+/// done (see the module documentation).
+pub fn leaked_buffers() -> usize {
+    LEAKED.load(Ordering::Relaxed)
+}
+
+/// Anything that keeps a buffer's memory alive.
+pub(crate) type Owner = Box<dyn Any + Send>;
+
+struct Pinned {
+    /// Ids of the passes that carried these buffers, not yet completed.
+    ids: Vec<u32>,
+    owners: Vec<Owner>,
+}
+
+/// Per-socket record of ids and the buffers they pin.
+#[derive(Default)]
+pub(crate) struct Tracker {
+    next_id: u32,
+    pinned: VecDeque<Pinned>,
+    /// Completions read from the kernel, not yet handed to the application.
+    queue: VecDeque<Completion>,
+    /// Ids can no longer be matched to buffers: hold everything until close.
+    lost_sync: bool,
+}
+
+impl Tracker {
+    /// The id the next send pass will take (the kernel's `sk_zckey`, mirrored).
+    pub(crate) fn next_id(&self) -> u32 {
+        self.next_id
+    }
+
+    /// Records a send pass that moved bytes with SO_ZEROCOPY on: it took the next id.
+    pub(crate) fn take_id(&mut self) -> u32 {
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1);
+        id
+    }
+
+    /// Keeps `owners` until every one of `ids` has completed.
+    pub(crate) fn pin(&mut self, ids: Vec<u32>, owners: Vec<Owner>) {
+        if !ids.is_empty() && !owners.is_empty() {
+            self.pinned.push_back(Pinned { ids, owners });
+        }
+    }
+
+    /// Takes a completion read from the error queue: releases what it covers and keeps it for
+    /// the application. `seqpacket` marks the socket type (see the module documentation).
+    pub(crate) fn completed(&mut self, completion: Completion, seqpacket: bool) {
+        self.queue.push_back(completion);
+        let beyond = (completion.hi.wrapping_sub(self.next_id) as i32) >= 0;
+        if beyond || (seqpacket && completion.copied) {
+            self.lost_sync = true;
+        }
+        if self.lost_sync {
+            return;
+        }
+        for pinned in &mut self.pinned {
+            pinned.ids.retain(|id| !completion.contains(*id));
+        }
+        self.pinned.retain(|pinned| !pinned.ids.is_empty());
+    }
+
+    /// The oldest completion read but not yet handed out.
+    pub(crate) fn pop(&mut self) -> Option<Completion> {
+        self.queue.pop_front()
+    }
+
+    pub(crate) fn has_queued(&self) -> bool {
+        !self.queue.is_empty()
+    }
+
+    /// Buffers still pinned.
+    pub(crate) fn pinned(&self) -> usize {
+        self.pinned.len()
+    }
+
+    /// Whether every buffer could still be released by a completion.
+    pub(crate) fn in_sync(&self) -> bool {
+        !self.lost_sync
+    }
+
+    /// Gives up on the buffers still pinned: they are leaked, never freed.
+    pub(crate) fn leak_pinned(&mut self) {
+        for pinned in self.pinned.drain(..) {
+            for owner in pinned.owners {
+                LEAKED.fetch_add(1, Ordering::Relaxed);
+                std::mem::forget(owner);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn owner(buffer: &Arc<Vec<u8>>) -> Vec<Owner> {
+        vec![Box::new(buffer.clone())]
+    }
+
+    impl Tracker {
+        /// One pass, one buffer.
+        fn sent(&mut self, owners: Vec<Owner>) -> u32 {
+            let id = self.take_id();
+            self.pin(vec![id], owners);
+            id
+        }
+    }
+
+    #[test]
+    fn a_buffer_sent_in_several_passes_waits_for_all_of_them() {
+        let buffer = Arc::new(vec![0u8]);
+        let mut tracker = Tracker::default();
+        let ids = vec![tracker.take_id(), tracker.take_id()];
+        tracker.pin(ids, owner(&buffer));
+        tracker.completed(Completion { lo: 1, hi: 1, copied: true }, false);
+        assert_eq!(Arc::strong_count(&buffer), 2);
+        tracker.completed(Completion { lo: 0, hi: 0, copied: true }, false);
+        assert_eq!(Arc::strong_count(&buffer), 1);
+    }
+
+    #[test]
+    fn a_completion_releases_the_buffers_it_covers() {
+        let (a, b) = (Arc::new(vec![1u8]), Arc::new(vec![2u8]));
+        let mut tracker = Tracker::default();
+        assert_eq!(tracker.sent(owner(&a)), 0);
+        assert_eq!(tracker.sent(owner(&b)), 1);
+        tracker.completed(Completion { lo: 0, hi: 0, copied: false }, false);
+        assert_eq!((Arc::strong_count(&a), Arc::strong_count(&b)), (1, 2));
+        tracker.completed(Completion { lo: 1, hi: 1, copied: false }, false);
+        assert_eq!(Arc::strong_count(&b), 1);
+        assert_eq!(tracker.pop().map(|c| c.lo), Some(0));
+    }
+
+    #[test]
+    fn merged_ranges_release_every_buffer_inside() {
+        let buffers: Vec<_> = (0..3).map(|i| Arc::new(vec![i as u8])).collect();
+        let mut tracker = Tracker::default();
+        for buffer in &buffers {
+            tracker.sent(owner(buffer));
+        }
+        tracker.completed(Completion { lo: 0, hi: 2, copied: false }, false);
+        assert!(buffers.iter().all(|b| Arc::strong_count(b) == 1));
+        assert_eq!(tracker.pinned(), 0);
+    }
+
+    #[test]
+    fn an_unexpected_id_stops_matching_and_holds_everything() {
+        let buffer = Arc::new(vec![0u8]);
+        let mut tracker = Tracker::default();
+        tracker.sent(owner(&buffer));
+        tracker.completed(Completion { lo: 0, hi: 1, copied: true }, false);
+        assert!(!tracker.in_sync());
+        assert_eq!(Arc::strong_count(&buffer), 2, "held: id 0 might not be the send we think");
+    }
+
+    #[test]
+    fn copied_seqpacket_completion_stops_matching() {
+        let buffer = Arc::new(vec![0u8]);
+        let mut tracker = Tracker::default();
+        tracker.sent(owner(&buffer));
+        tracker.sent(owner(&buffer));
+        tracker.completed(Completion { lo: 0, hi: 0, copied: true }, true);
+        assert!(!tracker.in_sync());
+        assert_eq!(tracker.pinned(), 2);
+    }
+
+    #[test]
+    fn leaking_never_frees() {
+        let buffer = Arc::new(vec![0u8]);
+        let mut tracker = Tracker::default();
+        tracker.sent(owner(&buffer));
+        let before = leaked_buffers();
+        tracker.leak_pinned();
+        assert_eq!(Arc::strong_count(&buffer), 2);
+        assert_eq!(leaked_buffers(), before + 1);
+    }
+
+    #[test]
+    fn ids_wrap_like_the_kernel_counter() {
+        let mut tracker = Tracker { next_id: u32::MAX, ..Tracker::default() };
+        let buffer = Arc::new(vec![0u8]);
+        assert_eq!(tracker.sent(owner(&buffer)), u32::MAX);
+        assert_eq!(tracker.sent(owner(&buffer)), 0);
+        tracker.completed(Completion { lo: u32::MAX, hi: 0, copied: false }, false);
+        assert!(tracker.in_sync());
+        assert_eq!(Arc::strong_count(&buffer), 1);
+    }
+}
