@@ -213,8 +213,12 @@ mod tests {
         assert!(args.windows(2).any(|w| w == ["-accel", "tcg,thread=multi"]));
         assert!(args.contains(&"-nodefaults".to_string()));
         assert!(args.iter().any(|a| a.contains(GUEST_CMDLINE_FLAG)));
-        let devices: Vec<&String> = args.windows(2).filter(|w| w[0] == "-device").map(|w| &w[1]).collect();
-        assert!(devices.is_empty(), "no device at all, so no vsock device reaches the host: {devices:?}");
+        let devices: Vec<&String> =
+            args.windows(2).filter(|w| w[0] == "-device").map(|w| &w[1]).collect();
+        assert!(
+            devices.is_empty(),
+            "no device at all, so no vsock device reaches the host: {devices:?}"
+        );
     }
 
     #[test]
