@@ -355,6 +355,30 @@ fn so_zerocopy_on_an_accepted_socket() {
     assert_eq!(server.recv_completion().unwrap(), Completion { lo: 0, hi: 0, copied: false });
 }
 
+/// The notification budget is `net.core.optmem_max`: with none left, `sock_omalloc` fails and
+/// the send returns ENOMEM before any byte moves (kernel fix 60cf6206a1f5); a caller that asked
+/// for it gets a copying send instead.
+#[test]
+#[ignore = "opens AF_VSOCK: runs only in a lab guest (cargo run -p zerovsock-lab -- guest-tests)"]
+fn exhausted_notification_budget_is_enomem_and_fallback_copies() {
+    guest();
+    const OPTMEM: &str = "/proc/sys/net/core/optmem_max";
+    let (client, mut server) = pair();
+    client.set_zerocopy(true).unwrap();
+    let saved = std::fs::read_to_string(OPTMEM).unwrap();
+    std::fs::write(OPTMEM, "0").unwrap();
+    let refused = client.send_zerocopy(vec![1u8; 100]);
+    let fallback = client.send_zerocopy_or_copy(vec![2u8; 100]);
+    std::fs::write(OPTMEM, saved.trim()).unwrap();
+    assert_eq!(errno(refused), libc::ENOMEM);
+    assert_eq!(fallback.unwrap(), (100, true));
+    assert_eq!(client.next_completion_id(), 0, "no id was taken");
+    let mut got = [0u8; 100];
+    server.read_exact(&mut got).unwrap();
+    assert_eq!(got, [2u8; 100], "only the fallback's bytes arrived");
+    assert!(!client.poll(Interest::NONE, Some(Duration::from_millis(300))).unwrap().error);
+}
+
 #[test]
 #[ignore = "opens AF_VSOCK: runs only in a lab guest (cargo run -p zerovsock-lab -- guest-tests)"]
 fn basic_socket_rules() {
