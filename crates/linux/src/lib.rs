@@ -36,14 +36,14 @@ mod types;
 mod uring;
 mod zerocopy;
 
-pub use socket::{Interest, RecvMeta, DEFAULT_LINGER};
+pub use socket::DEFAULT_LINGER;
 pub use types::{
     Kind, Seqpacket, Stream, VsockListener, VsockSeqpacket, VsockSeqpacketListener, VsockSocket,
     VsockStream,
 };
 pub use uring::{UringSend, UringZerocopy};
 pub use zerocopy::leaked_buffers;
-pub use zerovsock_proto::{Completion, Readiness};
+pub use zerovsock_proto::{Completion, Interest, Readiness, RecvMeta};
 pub use zerovsock_wire as wire;
 
 /// The local CID (`IOCTL_VM_SOCKETS_GET_LOCAL_CID` on `/dev/vsock`).

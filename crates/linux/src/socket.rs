@@ -6,48 +6,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use zerovsock_proto::{Completion, Readiness};
+use zerovsock_proto::{Completion, Interest, Readiness};
 use zerovsock_wire::{Addr, SocketType};
 
 use crate::sys;
 use crate::zerocopy::{Owner, Tracker};
-
-/// Readiness to wait for, as `poll` events.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Interest {
-    /// POLLIN.
-    pub readable: bool,
-    /// POLLOUT.
-    pub writable: bool,
-}
-
-impl Interest {
-    /// POLLIN.
-    pub const READABLE: Interest = Interest { readable: true, writable: false };
-    /// POLLOUT.
-    pub const WRITABLE: Interest = Interest { readable: false, writable: true };
-    /// No events: `poll` with `events = 0` still reports POLLERR (pending completions) and
-    /// POLLHUP.
-    pub const NONE: Interest = Interest { readable: false, writable: false };
-}
-
-/// What one receive returned.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RecvMeta {
-    /// Bytes written into the caller's buffer.
-    pub len: usize,
-    /// The whole message length (SEQPACKET, with MSG_TRUNC); `len` for STREAM.
-    pub message_len: usize,
-    /// MSG_EOR was set on the message.
-    pub eor: bool,
-}
-
-impl RecvMeta {
-    /// Bytes were discarded because the buffer was smaller than the message.
-    pub fn truncated(&self) -> bool {
-        self.message_len > self.len
-    }
-}
 
 /// How long `Drop` waits for outstanding zerocopy completions before leaking their buffers.
 pub const DEFAULT_LINGER: Duration = Duration::from_secs(2);

@@ -9,9 +9,10 @@ use std::time::Duration;
 use zerovsock_proto::{Completion, Readiness};
 use zerovsock_wire::{Addr, Cid, Port, SocketType};
 
-use crate::socket::{Inner, Interest, RecvMeta};
+use crate::socket::Inner;
 use crate::sys;
 use crate::zerocopy::Owner;
+use zerovsock_proto::{Interest, RecvMeta};
 
 mod sealed {
     pub trait Sealed {}

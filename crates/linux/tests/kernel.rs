@@ -13,13 +13,15 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread;
 use std::time::Duration;
 
-use zerovsock_linux::wire::{Addr, Cid, Port};
+use zerovsock_linux::wire::{Addr, Cid, Port, SocketType};
 use zerovsock_linux::{
     Completion, Interest, UringZerocopy, VsockListener, VsockSeqpacket, VsockSeqpacketListener,
     VsockSocket, VsockStream,
 };
+use zerovsock_testkit::suite::{
+    check_completion, djb2, pattern, zerocopy_cases, Expect, ZerocopyCase, PAGE,
+};
 
-const PAGE: usize = 4096;
 const WAIT: Duration = Duration::from_secs(20);
 
 /// Refuses to go on outside the project's guest, before any AF_VSOCK socket is opened.
@@ -45,14 +47,6 @@ fn port() -> Port {
     Port(NEXT.fetch_add(1, Ordering::Relaxed))
 }
 
-fn djb2(data: &[u8]) -> u64 {
-    data.iter().fold(5381u64, |h, b| h.wrapping_mul(33).wrapping_add(u64::from(*b)))
-}
-
-fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
-}
-
 fn errno<T: std::fmt::Debug>(result: std::io::Result<T>) -> i32 {
     result.expect_err("expected an error").raw_os_error().expect("an errno")
 }
@@ -74,32 +68,6 @@ impl AsRef<[u8]> for Offset {
     }
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Expect {
-    Zerocopied,
-    Copied,
-    NoCompletion,
-    /// ENOMEM, nothing sent, no completion.
-    Enomem,
-}
-
-struct Case {
-    iov: &'static [usize],
-    so_zerocopy: bool,
-    expect: Expect,
-}
-
-/// The kernel table (`vsock_test_zerocopy.c`); `usize::MAX` marks the unmapped element.
-const CASES: &[Case] = &[
-    Case { iov: &[PAGE, PAGE, 200], so_zerocopy: true, expect: Expect::Zerocopied },
-    Case { iov: &[PAGE, 2 * PAGE, 3 * PAGE], so_zerocopy: true, expect: Expect::Zerocopied },
-    Case { iov: &[65536, 65536, 65536], so_zerocopy: true, expect: Expect::Zerocopied },
-    Case { iov: &[PAGE, 100, PAGE], so_zerocopy: true, expect: Expect::Zerocopied },
-    Case { iov: &[PAGE, usize::MAX, PAGE], so_zerocopy: true, expect: Expect::Enomem },
-    Case { iov: &[PAGE], so_zerocopy: false, expect: Expect::NoCompletion },
-];
-const STREAM_ONLY: Case = Case { iov: &[100 * PAGE], so_zerocopy: true, expect: Expect::Copied };
-
 /// Memory that was mapped and then unmapped: the kernel must refuse to read it.
 fn unmapped_page() -> *const u8 {
     // SAFETY: a fresh anonymous private mapping; nothing else refers to it.
@@ -119,24 +87,13 @@ fn unmapped_page() -> *const u8 {
     address as *const u8
 }
 
-fn check(completion: Option<Completion>, expect: Expect) {
-    match (expect, completion) {
-        (Expect::NoCompletion | Expect::Enomem, None) => {}
-        (Expect::NoCompletion | Expect::Enomem, Some(c)) => {
-            panic!("no completion expected, got {c:?}")
-        }
-        (_, None) => panic!("POLLERR expected"),
-        (Expect::Zerocopied, Some(c)) => assert!(!c.copied, "kernel zerocopied, got {c:?}"),
-        (Expect::Copied, Some(c)) => assert!(c.copied, "kernel copied, got {c:?}"),
-    }
-}
-
 macro_rules! zerocopy_case {
     ($listener:ty, $conn:ty, $case:expr, $read:expr) => {{
-        let case: &Case = $case;
+        let case: &ZerocopyCase = $case;
+        let enomem = case.expect == Expect::Enomem;
         let port = port();
         let listener = <$listener>::bind(any(port)).unwrap();
-        let total: usize = if case.expect == Expect::Enomem { 0 } else { case.iov.iter().sum() };
+        let total: usize = if enomem { 0 } else { case.total() };
         let server = thread::spawn(move || {
             let (conn, _) = listener.accept().unwrap();
             let data: Vec<u8> = $read(&conn, total);
@@ -147,37 +104,37 @@ macro_rules! zerocopy_case {
             client.set_zerocopy(true).unwrap();
             assert!(client.zerocopy().unwrap());
         }
-        let expected_hash;
-        if case.expect == Expect::Enomem {
-            let (first, last) = (pattern(PAGE, 1), pattern(PAGE, 2));
-            let ranges = [(first.as_ptr(), PAGE), (unmapped_page(), PAGE), (last.as_ptr(), PAGE)];
-            // SAFETY: the mapped ranges outlive the completion wait below; the unmapped one is
-            // the point of the case and is never read by the kernel.
-            assert_eq!(errno(unsafe { client.send_zerocopy_raw(&ranges) }), libc::ENOMEM);
-            assert_eq!(client.next_completion_id(), 0, "nothing sent, no id taken");
-            expected_hash = djb2(&[]);
-        } else {
-            let iov: Vec<Offset> = case
-                .iov
-                .iter()
-                .enumerate()
-                .map(|(i, len)| {
-                    let offset = usize::from(*len == 100);
-                    Offset(pattern(len + offset, i as u8), offset)
-                })
-                .collect();
-            let all: Vec<u8> = iov.iter().flat_map(|b| b.as_ref().to_vec()).collect();
-            expected_hash = djb2(&all);
-            assert_eq!(client.send_zerocopy_vectored(iov).unwrap(), total);
-        }
-        let wait = if case.so_zerocopy && case.expect != Expect::Enomem {
-            WAIT
-        } else {
-            Duration::from_millis(300)
-        };
+        let buffers = case.buffers(7);
+        let expected_hash =
+            if enomem {
+                let ranges: Vec<(*const u8, usize)> =
+                    case.iov
+                        .iter()
+                        .zip(&buffers)
+                        .map(|(e, (data, _))| {
+                            if e.unmapped {
+                                (unmapped_page(), PAGE)
+                            } else {
+                                (data.as_ptr(), e.len)
+                            }
+                        })
+                        .collect();
+                // SAFETY: the mapped ranges outlive the completion wait below; the unmapped one is
+                // the point of the case and is never read by the kernel.
+                assert_eq!(errno(unsafe { client.send_zerocopy_raw(&ranges) }), libc::ENOMEM);
+                assert_eq!(client.next_completion_id(), 0, "nothing sent, no id taken");
+                djb2(&[])
+            } else {
+                let iov: Vec<Offset> =
+                    buffers.into_iter().map(|(data, offset)| Offset(data, offset)).collect();
+                let all: Vec<u8> = iov.iter().flat_map(|b| b.as_ref().to_vec()).collect();
+                assert_eq!(client.send_zerocopy_vectored(iov).unwrap(), total);
+                djb2(&all)
+            };
+        let wait = if case.so_zerocopy && !enomem { WAIT } else { Duration::from_millis(300) };
         let ready = client.poll(Interest::NONE, Some(wait)).unwrap();
         let completion = ready.error.then(|| client.recv_completion().unwrap());
-        check(completion, case.expect);
+        check_completion(case.expect, completion).unwrap();
         drop(client);
         assert_eq!(server.join().unwrap(), expected_hash, "data hash");
     }};
@@ -207,7 +164,7 @@ fn read_message(conn: &VsockSeqpacket, total: usize) -> Vec<u8> {
 #[ignore = "opens AF_VSOCK: runs only in a lab guest (cargo run -p zerovsock-lab -- guest-tests)"]
 fn stream_msg_zerocopy_cases() {
     guest();
-    for case in CASES.iter().chain([&STREAM_ONLY]) {
+    for case in zerocopy_cases(SocketType::Stream) {
         zerocopy_case!(VsockListener, VsockStream, case, read_stream);
     }
 }
@@ -216,7 +173,7 @@ fn stream_msg_zerocopy_cases() {
 #[ignore = "opens AF_VSOCK: runs only in a lab guest (cargo run -p zerovsock-lab -- guest-tests)"]
 fn seqpacket_msg_zerocopy_cases() {
     guest();
-    for case in CASES {
+    for case in zerocopy_cases(SocketType::Seqpacket) {
         zerocopy_case!(VsockSeqpacketListener, VsockSeqpacket, case, read_message);
     }
 }

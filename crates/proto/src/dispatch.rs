@@ -307,22 +307,6 @@ impl Engine {
         Disposition::Dropped
     }
 
-    /// Removes a socket from the lookup tables but keeps it for its application.
-    fn unlist(&mut self, id: SocketId) {
-        let Some(socket) = self.sockets.get_mut(&id) else { return };
-        if let (Some(local), Some(remote)) = (socket.local, socket.remote) {
-            if self.connected.get(&(local, remote)) == Some(&id) {
-                self.connected.remove(&(local, remote));
-            }
-        }
-        if let Some(local) = socket.local.filter(|_| socket.bound) {
-            if self.bound.get(&local.port) == Some(&id) {
-                self.bound.remove(&local.port);
-            }
-            socket.bound = false;
-        }
-    }
-
     fn wake(&mut self, id: SocketId) {
         if let Some(socket) = self.sockets.get_mut(&id) {
             self.out.wake(id, socket);

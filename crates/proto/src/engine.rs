@@ -121,21 +121,6 @@ pub struct SendRequest {
     pub max_pass: usize,
 }
 
-/// How a socket looks to `poll`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Readiness {
-    /// A read would not block (data, a message, end of stream, an error, or a pending accept).
-    pub readable: bool,
-    /// A send would not block (credit, or an error it would report).
-    pub writable: bool,
-    /// Zerocopy completions or a socket error are pending (POLLERR).
-    pub error: bool,
-    /// The connection is fully closed by the peer (POLLHUP).
-    pub hangup: bool,
-    /// The peer will send nothing more (POLLRDHUP).
-    pub read_closed: bool,
-}
-
 /// The protocol engine. See the crate documentation for the model.
 #[derive(Debug)]
 pub struct Engine {
@@ -404,9 +389,9 @@ impl Engine {
         self.remove(id);
     }
 
-    /// Forgets a socket entirely: tables, timer, and any completions still to come.
-    pub(crate) fn remove(&mut self, id: SocketId) {
-        let Some(socket) = self.sockets.remove(&id) else { return };
+    /// Removes a socket from the lookup tables but keeps it for its application.
+    pub(crate) fn unlist(&mut self, id: SocketId) {
+        let Some(socket) = self.sockets.get_mut(&id) else { return };
         if let (Some(local), Some(remote)) = (socket.local, socket.remote) {
             if self.connected.get(&(local, remote)) == Some(&id) {
                 self.connected.remove(&(local, remote));
@@ -416,7 +401,14 @@ impl Engine {
             if self.bound.get(&local.port) == Some(&id) {
                 self.bound.remove(&local.port);
             }
+            socket.bound = false;
         }
+    }
+
+    /// Forgets a socket entirely: tables, timer, and any completions still to come.
+    pub(crate) fn remove(&mut self, id: SocketId) {
+        self.unlist(id);
+        let Some(socket) = self.sockets.remove(&id) else { return };
         if let Some(deadline) = socket.deadline {
             self.timers.remove(&(deadline, id));
         }

@@ -77,6 +77,7 @@
 #[macro_use]
 mod macros;
 
+mod api;
 mod credit;
 mod dispatch;
 mod engine;
@@ -87,9 +88,10 @@ mod rx;
 mod socket;
 mod zerocopy;
 
+pub use api::{Interest, Readiness, RecvMeta};
 pub use dispatch::Disposition;
 pub use engine::{
-    Engine, EngineConfig, Readiness, SendGrant, SendRequest, CLOSE_TIMEOUT, DEFAULT_CONNECT_TIMEOUT,
+    Engine, EngineConfig, SendGrant, SendRequest, CLOSE_TIMEOUT, DEFAULT_CONNECT_TIMEOUT,
 };
 pub use error::{
     AcceptError, BindError, ConnectError, ListenError, OpenError, OptionError, RecvError,

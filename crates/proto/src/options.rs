@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use zerovsock_wire::{Addr, Op, ShutdownFlags, SocketType};
 
-use crate::engine::{Engine, Readiness};
+use crate::api::Readiness;
+use crate::engine::Engine;
 use crate::error::OptionError;
 use crate::packet::Payload;
 use crate::socket::{Options, SocketId, State};

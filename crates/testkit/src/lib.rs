@@ -18,6 +18,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod suite;
+
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 

@@ -53,13 +53,12 @@ use std::sync::Arc;
 
 pub use crate::core::Transport;
 pub use loopback::LoopbackConfig;
-pub use socket::{Interest, RecvMeta};
 pub use types::{
     Kind, Seqpacket, Stream, VsockListener, VsockSeqpacket, VsockSeqpacketListener, VsockSocket,
     VsockStream,
 };
 pub use zerocopy::{Reclaimed, ZerocopySocket, ZerocopyWriter};
-pub use zerovsock_proto::{Completion, Readiness};
+pub use zerovsock_proto::{Completion, Interest, Readiness, RecvMeta};
 pub use zerovsock_wire as wire;
 
 /// One vsock endpoint: an engine and its transport. Cheap to clone; sockets keep it alive.

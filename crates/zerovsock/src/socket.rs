@@ -9,49 +9,13 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use zerovsock_proto::{
-    Completion, Payload, Readiness, RecvError, SendError, SendRequest, SocketId,
+    Completion, Interest, Payload, Readiness, RecvError, RecvMeta, SendError, SendRequest, SocketId,
 };
 use zerovsock_wire::{Addr, ShutdownFlags, SocketType};
 
 use crate::core::{Shared, Waiter};
 use crate::error;
 use crate::pool::BufferPool;
-
-/// What one receive returned.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RecvMeta {
-    /// Bytes written into the caller's buffer.
-    pub len: usize,
-    /// The whole message length (SEQPACKET; larger than `len` when truncated). For STREAM, `len`.
-    pub message_len: usize,
-    /// The message was sent with MSG_EOR (SEQPACKET).
-    pub eor: bool,
-}
-
-impl RecvMeta {
-    /// Bytes were discarded because the buffer was smaller than the message (MSG_TRUNC).
-    pub fn truncated(&self) -> bool {
-        self.message_len > self.len
-    }
-}
-
-/// Readiness to wait for, as `poll` events.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Interest {
-    /// POLLIN.
-    pub readable: bool,
-    /// POLLOUT.
-    pub writable: bool,
-}
-
-impl Interest {
-    /// POLLIN.
-    pub const READABLE: Interest = Interest { readable: true, writable: false };
-    /// POLLOUT.
-    pub const WRITABLE: Interest = Interest { readable: false, writable: true };
-    /// No events: like `poll` with `events = 0`, only errors (and completions) and hang-ups wake.
-    pub const NONE: Interest = Interest { readable: false, writable: false };
-}
 
 /// The bytes a send takes them from: a borrowed slice is copied; shared buffers may be sent as
 /// they are.

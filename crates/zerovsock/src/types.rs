@@ -9,8 +9,9 @@ use bytes::Bytes;
 use zerovsock_proto::{Completion, Readiness};
 use zerovsock_wire::{Addr, SocketType};
 
-use crate::socket::{payload_of, Inner, Interest, RecvMeta, Source};
+use crate::socket::{payload_of, Inner, Source};
 use crate::Vsock;
+use zerovsock_proto::{Interest, RecvMeta};
 
 mod sealed {
     pub trait Sealed {}

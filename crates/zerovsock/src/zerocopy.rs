@@ -9,8 +9,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use zerovsock_proto::Completion;
 
-use crate::socket::Interest;
 use crate::types::{VsockSeqpacket, VsockStream};
+use zerovsock_proto::Interest;
 
 /// A connected socket that can send with MSG_ZEROCOPY.
 pub trait ZerocopySocket {

@@ -25,14 +25,6 @@ const EINVAL: i32 = 22;
 const EADDRINUSE: i32 = 98;
 const ESOCKTNOSUPPORT: i32 = 94;
 
-fn pair(vsock: &Vsock) -> (VsockStream, VsockStream) {
-    let port = port();
-    let listener = VsockListener::bind(vsock, any(port)).unwrap();
-    let client = VsockStream::connect(vsock, local(port)).unwrap();
-    let (server, _) = listener.accept().unwrap();
-    (client, server)
-}
-
 fn seqpacket_pair(vsock: &Vsock) -> (VsockSeqpacket, VsockSeqpacket) {
     let port = port();
     let listener = VsockSeqpacketListener::bind(vsock, any(port)).unwrap();

@@ -12,88 +12,42 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
+use zerovsock::wire::SocketType;
 use zerovsock::{
     Completion, Interest, LoopbackConfig, Vsock, VsockListener, VsockSeqpacket,
     VsockSeqpacketListener, VsockSocket, VsockStream, ZerocopyWriter,
 };
-
-const PAGE: usize = 4096;
+use zerovsock_testkit::suite::{check_completion, djb2, zerocopy_cases, Expect, ZerocopyCase};
 
 /// How long a completion may take to appear once the peer has read the data. The kernel test
 /// allows 100 ms; the loopback completes synchronously with the read, so this only guards
 /// against a stuck test.
 const COMPLETION_WAIT: Duration = Duration::from_secs(10);
 
-enum Expect {
-    Zerocopied,
-    Copied,
-    /// SO_ZEROCOPY off: no completion at all.
-    NoCompletion,
-    /// The send fails with ENOMEM before any byte moves, and takes no completion id.
-    Enomem,
+/// The iovec of a case as shared buffers, each starting at its offset.
+fn iovec(case: &ZerocopyCase, seed: u64) -> Vec<Bytes> {
+    case.buffers(seed).into_iter().map(|(data, offset)| Bytes::from(data).slice(offset..)).collect()
 }
 
-struct Case {
-    iov: &'static [usize],
-    so_zerocopy: bool,
-    expect: Expect,
-}
-
-/// Cases 1-6 of the kernel table, in its order. Case 5 puts an unmapped page in the iovec, which
-/// safe Rust buffers cannot express; the other way Linux fails a zerocopy send with ENOMEM before
-/// any byte moves is an exhausted notification budget (optmem), so case 5 runs with a budget of
-/// one notification that is already in use.
-const CASES: &[Case] = &[
-    Case { iov: &[PAGE, PAGE, 200], so_zerocopy: true, expect: Expect::Zerocopied },
-    Case { iov: &[PAGE, 2 * PAGE, 3 * PAGE], so_zerocopy: true, expect: Expect::Zerocopied },
-    Case { iov: &[65536, 65536, 65536], so_zerocopy: true, expect: Expect::Zerocopied },
-    Case { iov: &[PAGE, 100, PAGE], so_zerocopy: true, expect: Expect::Zerocopied },
-    Case { iov: &[PAGE, PAGE, PAGE], so_zerocopy: true, expect: Expect::Enomem },
-    Case { iov: &[PAGE], so_zerocopy: false, expect: Expect::NoCompletion },
-];
-
-/// Stream only: 100 pages, more than the peer's 256 KiB buffer: copied.
-const STREAM_ONLY: Case = Case { iov: &[100 * PAGE], so_zerocopy: true, expect: Expect::Copied };
-
-fn iovec(case: &Case, seed: u64) -> Vec<Bytes> {
-    case.iov
-        .iter()
-        .enumerate()
-        .map(|(i, len)| {
-            // Case 4's middle element starts one byte into its page, as the kernel test does.
-            let offset = usize::from(*len == 100);
-            Bytes::from(pattern(len + offset, seed + i as u64)).slice(offset..)
-        })
-        .collect()
-}
-
-fn check_completion(completion: Option<Completion>, expect: &Expect) {
-    match (expect, completion) {
-        (Expect::NoCompletion | Expect::Enomem, None) => {}
-        (Expect::NoCompletion | Expect::Enomem, Some(c)) => {
-            panic!("no completion expected, got {c:?}")
-        }
-        (_, None) => panic!("POLLERR expected"),
-        (Expect::Zerocopied, Some(c)) => assert!(!c.copied, "expected zerocopy, got {c:?}"),
-        (Expect::Copied, Some(c)) => assert!(c.copied, "expected COPIED, got {c:?}"),
-    }
-}
-
-/// Runs one case: the "server" reads concurrently and hashes; the client sends, then waits for
-/// the completion as the kernel test's `poll(POLLERR)` does.
+/// Runs one case of the kernel table: the "server" reads concurrently and hashes; the client
+/// sends, then waits for the completion as the kernel test's `poll(POLLERR)` does.
+///
+/// Case 5 puts an unmapped page in the iovec, which safe Rust buffers cannot express; the other
+/// way Linux fails a zerocopy send with ENOMEM before any byte moves is an exhausted
+/// notification budget (optmem), so it runs with a budget of one notification already in use.
 macro_rules! run_case {
     ($listener:ty, $conn:ty, $case:expr, $seed:expr, $read:expr) => {{
-        let case: &Case = $case;
-        let enomem = matches!(case.expect, Expect::Enomem);
-        let config = LoopbackConfig {
-            notification_limit: if enomem { 1 } else { 128 },
+        let case: &ZerocopyCase = $case;
+        let enomem = case.expect == Expect::Enomem;
+        let limit = if enomem { 1 } else { 128 };
+        let vsock = Vsock::loopback_with(LoopbackConfig {
+            notification_limit: limit,
             ..LoopbackConfig::default()
-        };
-        let vsock = Vsock::loopback_with(config);
+        });
         let port = port();
         let listener = <$listener>::bind(&vsock, any(port)).unwrap();
         let iov = iovec(case, $seed);
-        let total: usize = if enomem { 1 } else { case.iov.iter().sum() };
+        let total: usize = if enomem { 1 } else { case.total() };
         let expected =
             if enomem { vec![0xee] } else { iov.iter().flat_map(|b| b.to_vec()).collect() };
         let server = thread::spawn(move || {
@@ -116,11 +70,11 @@ macro_rules! run_case {
         } else {
             assert_eq!(client.send_zerocopy_vectored(iov).unwrap(), total);
         }
-        let wait =
-            if case.so_zerocopy && !enomem { COMPLETION_WAIT } else { Duration::from_millis(100) };
+        let waits = case.so_zerocopy && !enomem;
+        let wait = if waits { COMPLETION_WAIT } else { Duration::from_millis(100) };
         let readiness = client.poll(Interest::NONE, Some(wait)).unwrap();
         let completion = readiness.error.then(|| client.recv_completion().unwrap());
-        check_completion(completion, &case.expect);
+        check_completion(case.expect, completion).unwrap();
         assert_eq!(server.join().unwrap(), djb2(&expected), "data hash");
     }};
 }
@@ -141,24 +95,16 @@ fn read_message(conn: &VsockSeqpacket, total: usize) -> Vec<u8> {
 
 #[test]
 fn stream_zerocopy_cases() {
-    for (seed, case) in CASES.iter().chain([&STREAM_ONLY]).enumerate() {
+    for (seed, case) in zerocopy_cases(SocketType::Stream).enumerate() {
         run_case!(VsockListener, VsockStream, case, seed as u64, read_stream);
     }
 }
 
 #[test]
 fn seqpacket_zerocopy_cases() {
-    for (seed, case) in CASES.iter().enumerate() {
+    for (seed, case) in zerocopy_cases(SocketType::Seqpacket).enumerate() {
         run_case!(VsockSeqpacketListener, VsockSeqpacket, case, seed as u64, read_message);
     }
-}
-
-fn pair(vsock: &Vsock) -> (VsockStream, VsockStream) {
-    let port = port();
-    let listener = VsockListener::bind(vsock, any(port)).unwrap();
-    let client = VsockStream::connect(vsock, local(port)).unwrap();
-    let (server, _) = listener.accept().unwrap();
-    (client, server)
 }
 
 #[test]

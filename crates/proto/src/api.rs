@@ -1,0 +1,56 @@
+//! Vocabulary every socket implementation shares (the loopback stack, the kernel library, later
+//! the device's native sockets): readiness as `poll` reports it, the interest to wait for, and
+//! what a receive returned. Code generic over implementations speaks in these types.
+
+/// How a socket looks to `poll`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Readiness {
+    /// A read would not block (data, a message, end of stream, an error, or a pending accept).
+    pub readable: bool,
+    /// A send would not block (credit, or an error it would report).
+    pub writable: bool,
+    /// Zerocopy completions or a socket error are pending (POLLERR).
+    pub error: bool,
+    /// The connection is fully closed by the peer (POLLHUP).
+    pub hangup: bool,
+    /// The peer will send nothing more (POLLRDHUP).
+    pub read_closed: bool,
+}
+
+/// Readiness to wait for, as `poll` events.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Interest {
+    /// POLLIN.
+    pub readable: bool,
+    /// POLLOUT.
+    pub writable: bool,
+}
+
+impl Interest {
+    /// POLLIN.
+    pub const READABLE: Interest = Interest { readable: true, writable: false };
+    /// POLLOUT.
+    pub const WRITABLE: Interest = Interest { readable: false, writable: true };
+    /// No events: like `poll` with `events = 0`, only errors (pending completions) and
+    /// hang-ups wake.
+    pub const NONE: Interest = Interest { readable: false, writable: false };
+}
+
+/// What one receive returned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecvMeta {
+    /// Bytes written into the caller's buffer.
+    pub len: usize,
+    /// The whole message length (SEQPACKET; larger than `len` when truncated). For STREAM,
+    /// `len`.
+    pub message_len: usize,
+    /// The message was sent with MSG_EOR (SEQPACKET).
+    pub eor: bool,
+}
+
+impl RecvMeta {
+    /// Bytes were discarded because the buffer was smaller than the message (MSG_TRUNC).
+    pub fn truncated(&self) -> bool {
+        self.message_len > self.len
+    }
+}
