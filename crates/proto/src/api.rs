@@ -11,9 +11,10 @@ pub struct Readiness {
     pub writable: bool,
     /// Zerocopy completions or a socket error are pending (POLLERR).
     pub error: bool,
-    /// The connection is fully closed by the peer (POLLHUP).
+    /// This side shut down both directions, or both sides shut down sending (POLLHUP).
     pub hangup: bool,
-    /// The peer will send nothing more (POLLRDHUP).
+    /// No more data will arrive: the peer shut down sending or reset, or this side shut down
+    /// receiving (POLLRDHUP).
     pub read_closed: bool,
 }
 

@@ -177,9 +177,12 @@ impl Engine {
             readable,
             writable,
             error: socket.error.is_some() || socket.ledger.has_pending(),
-            hangup: socket.peer_shutdown == ShutdownFlags::all()
-                || (socket.shutdown == ShutdownFlags::all() && socket.state != State::Unconnected),
-            read_closed: peer_gone,
+            // As `vsock_poll`: POLLHUP when this side shut both ways, or both sides shut
+            // sending; POLLRDHUP when no more data can arrive.
+            hangup: socket.shutdown == ShutdownFlags::all()
+                || (socket.shutdown.contains(ShutdownFlags::SEND)
+                    && socket.peer_shutdown.contains(ShutdownFlags::SEND)),
+            read_closed: peer_gone || socket.shutdown.contains(ShutdownFlags::RECEIVE),
         }
     }
 }

@@ -266,7 +266,7 @@ fn peer_full_shutdown_with_nothing_unread_is_answered_with_rst() {
     host.deliver(Repr { flags: 3, ..stream(Op::Shutdown) }, &[]);
     assert_eq!(host.ops(), [Op::Rst]);
     let readiness = host.engine.readiness(child);
-    assert!(readiness.hangup && readiness.readable);
+    assert!(readiness.read_closed && readiness.readable && !readiness.hangup);
     assert_eq!(host.engine.recv(child, 16).map(|l| l.len()), Ok(0));
 }
 
