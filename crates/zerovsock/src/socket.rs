@@ -1,6 +1,6 @@
 //! What every socket type shares: options, blocking and timeouts, the send and receive loops,
-//! readiness, and the completion queue. The public types in `stream.rs` and `seqpacket.rs` are
-//! thin wrappers over [`Inner`].
+//! readiness, and the completion queue. The public types in `types.rs` are thin wrappers over
+//! [`Inner`].
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -57,6 +57,7 @@ impl Source<'_> {
 pub struct Inner {
     pub(crate) shared: Arc<Shared>,
     pub(crate) id: SocketId,
+    socket_type: SocketType,
     waiter: Arc<Waiter>,
     nonblocking: AtomicBool,
     read_timeout: Mutex<Option<Duration>>,
@@ -96,14 +97,15 @@ fn check_timeout(timeout: Option<Duration>) -> io::Result<Option<Duration>> {
 impl Inner {
     pub(crate) fn open(shared: &Arc<Shared>, socket_type: SocketType) -> io::Result<Inner> {
         let id = shared.with(|engine, _| engine.open(socket_type)).map_err(error::open)?;
-        Ok(Inner::adopt(shared, id))
+        Ok(Inner::adopt(shared, id, socket_type))
     }
 
-    pub(crate) fn adopt(shared: &Arc<Shared>, id: SocketId) -> Inner {
+    pub(crate) fn adopt(shared: &Arc<Shared>, id: SocketId, socket_type: SocketType) -> Inner {
         let waiter = shared.lock().register(id);
         Inner {
             shared: shared.clone(),
             id,
+            socket_type,
             waiter,
             nonblocking: AtomicBool::new(false),
             read_timeout: Mutex::new(None),
@@ -136,7 +138,7 @@ impl Inner {
             Err(zerovsock_proto::AcceptError::WouldBlock) => Ok(None),
             Err(other) => Err(error::accept(other)),
         })?;
-        Ok(Inner::adopt(&self.shared, id))
+        Ok(Inner::adopt(&self.shared, id, self.socket_type))
     }
 
     /// Connects, waiting up to `timeout` (default: the socket's connect timeout, 2 s).
@@ -163,11 +165,12 @@ impl Inner {
     pub(crate) fn send(&self, source: Source<'_>, zerocopy: bool, eor: bool) -> io::Result<usize> {
         let _serial = lock(&self.send_lock);
         let total = source.len();
-        let stream = self.socket_type() == Some(SocketType::Stream);
+        let stream = self.socket_type == SocketType::Stream;
         if total == 0 && stream {
             return Ok(0);
         }
-        let timeout = *lock(&self.write_timeout);
+        // SO_SNDTIMEO bounds the whole call, not each wait for credit.
+        let deadline = lock(&self.write_timeout).map(|t| Instant::now() + t);
         let mut sent = 0;
         loop {
             // Copy-mode messages go out in passes of a few packets, so the receiver reads the
@@ -176,11 +179,14 @@ impl Inner {
             let max_pass = if zerocopy { usize::MAX } else { COPY_PASS };
             let remaining = total - sent;
             let request = SendRequest { remaining, fresh: sent == 0, zerocopy, eor, max_pass };
-            let grant = self.wait(timeout, |engine, _| match engine.begin_send(self.id, request) {
-                Ok(grant) => Ok(Some(grant)),
-                Err(SendError::WouldBlock) => Ok(None),
-                Err(other) => Err(error::send(other)),
-            });
+            let grant =
+                self.shared.wait(&self.waiter, self.nonblocking(), deadline, |engine, _| {
+                    match engine.begin_send(self.id, request) {
+                        Ok(grant) => Ok(Some(grant)),
+                        Err(SendError::WouldBlock) => Ok(None),
+                        Err(other) => Err(error::send(other)),
+                    }
+                });
             let grant = match grant {
                 Ok(grant) => grant,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock && sent > 0 && stream => {
@@ -229,10 +235,6 @@ impl Inner {
             std::net::Shutdown::Both => ShutdownFlags::all(),
         };
         self.shared.with(|engine, _| engine.shutdown(self.id, flags)).map_err(error::shutdown)
-    }
-
-    pub(crate) fn socket_type(&self) -> Option<SocketType> {
-        self.shared.lock().engine.socket_type(self.id)
     }
 
     pub(crate) fn local_addr(&self) -> io::Result<Addr> {
