@@ -142,13 +142,13 @@ fn selftest(guest: &Guest) -> Result<()> {
         );
     }
     // A guest that never finishes is killed at its timeout and reported with its console.
-    let hung = Guest { timeout: Duration::from_secs(15), ..guest.clone() };
+    let hung = Guest { timeout: Duration::from_secs(20), ..guest.clone() };
     match lab.run(&[], "echo about-to-hang; sleep 600", &hung) {
         Err(error)
             if error.to_string().contains("timed out")
                 && error.to_string().contains("about-to-hang") =>
         {
-            println!("lab selftest: a hung guest was killed at its 15 s timeout and its console reported");
+            println!("lab selftest: a hung guest was killed at its 20 s timeout and its console reported");
             Ok(())
         }
         Err(error) => bail!("hung guest reported wrongly: {error:#}"),

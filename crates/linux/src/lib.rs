@@ -24,6 +24,29 @@
 //! connecting to one, accepted sockets on kernels before the 2026 fix), ENOMEM (notification
 //! budget, or a bad buffer through the raw form), EAGAIN on an empty queue.
 //!
+//! # Example
+//!
+//! Inside a VM with kernel vsock (this opens `AF_VSOCK`, so it is not run here):
+//!
+//! ```no_run
+//! use std::io::Read;
+//! use zerovsock_linux::wire::{Addr, Cid, Port};
+//! use zerovsock_linux::{Interest, VsockListener, VsockStream};
+//!
+//! let listener = VsockListener::bind(Addr::new(Cid::ANY, Port(1234)))?;
+//! let client = VsockStream::connect(Addr::new(Cid::LOCAL, Port(1234)))?;
+//! let (mut server, _) = listener.accept()?;
+//!
+//! client.set_zerocopy(true)?;
+//! client.send_zerocopy(vec![7u8; 64 * 1024])?; // the library keeps the Vec for the kernel
+//! let mut buf = vec![0u8; 64 * 1024];
+//! server.read_exact(&mut buf)?;
+//! client.poll(Interest::NONE, None)?; // POLLERR: a completion is queued
+//! let done = client.recv_completion()?;
+//! assert_eq!((done.lo, done.hi, done.copied), (0, 0, false));
+//! # Ok::<(), std::io::Error>(())
+//! ```
+//!
 //! # Safety of use
 //!
 //! All `unsafe` lives in `sys.rs` (system calls) and `uring.rs` (submission entries), each block
