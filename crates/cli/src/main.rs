@@ -23,8 +23,13 @@ enum Command {
     Perf(perf::PerfArgs),
 }
 
-fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
+fn main() {
+    let result = match Cli::parse().command {
         Command::Perf(args) => perf::run(args),
+    };
+    if let Err(error) = result {
+        // The chain of causes, without a backtrace: these are reports to a user.
+        eprintln!("zerovsock: {error:#}");
+        std::process::exit(1);
     }
 }

@@ -140,6 +140,9 @@ pub fn run(args: PerfArgs) -> Result<()> {
             bail!("size {size} must not exceed --bytes ({}) or 4 GiB", args.bytes);
         }
         let buffer = args.vsk_size.unwrap_or(default_buffer(size, args.inflight));
+        if u64::from(args.rcvlowat) > buffer {
+            bail!("--rcvlowat {} exceeds the socket buffer of {buffer} bytes", args.rcvlowat);
+        }
         // Interleave memcpy and the modes run by run, so drift on a shared machine hits all
         // of them alike; report medians.
         let mut memcpy = Vec::new();
@@ -242,11 +245,19 @@ fn measure(args: &PerfArgs, size: u64, mode: Mode, buffer: u64) -> Result<Sample
     let socket = VsockSocket::stream(&vsock)?;
     socket.set_buffer_size_unclamped(buffer)?;
     let sender = socket.connect(Addr::new(Cid::LOCAL, Port(args.port)))?;
-    let (start, mut sample) = match mode {
-        Mode::Copy => send_copy(&sender, size, total)?,
-        Mode::Zerocopy => send_zerocopy(&sender, size, total, args.inflight)?,
+    let sent = match mode {
+        Mode::Copy => send_copy(&sender, size, total),
+        Mode::Zerocopy => send_zerocopy(&sender, size, total, args.inflight),
     };
-    let end = receiver.join().map_err(|_| anyhow::anyhow!("receiver panicked"))??;
+    // A failed sender closes its end, so the receiver always returns; its error is the cause
+    // when both failed.
+    drop(sender);
+    let received = receiver.join().map_err(|_| anyhow::anyhow!("receiver panicked"))?;
+    let ((start, mut sample), end) = match (sent, received) {
+        (_, Err(error)) => return Err(error.context("receiver")),
+        (Err(error), _) => return Err(error.context("sender")),
+        (Ok(sent), Ok(end)) => (sent, end),
+    };
     sample.e2e = end.saturating_duration_since(start);
     Ok(sample)
 }

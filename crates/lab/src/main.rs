@@ -50,8 +50,14 @@ enum Cmd {
     Selftest,
 }
 
-fn main() -> Result<()> {
-    let cli = Cli::parse();
+fn main() {
+    if let Err(error) = run(Cli::parse()) {
+        eprintln!("zerovsock-lab: {error:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
     let guest = Guest { timeout: Duration::from_secs(cli.timeout), ..Guest::default() };
     match cli.command {
         Cmd::Run { binaries, script } => {
