@@ -74,7 +74,7 @@ impl Engine {
         payload: Payload,
     ) -> Result<Disposition, WireError> {
         match Repr::parse_bytes(header) {
-            Ok(repr) => Ok(self.handle_packet(now, Packet { repr, payload })),
+            Ok(repr) => Ok(self.handle_packet(now, Packet::data(repr, payload))),
             Err(error) => {
                 if let Ok(view) = zerovsock_wire::Header::new_checked(header) {
                     if view.op() != Op::Rst as u16 {
@@ -249,7 +249,7 @@ impl Engine {
             SocketType::Stream => SeqFlags::empty(),
             SocketType::Seqpacket => repr.seq_flags(),
         };
-        if socket.rx.enqueue(&mut socket.credit, packet.payload, flags).is_err() {
+        if socket.rx.enqueue(&mut socket.credit, packet.payload, flags, packet.pinned).is_err() {
             return self.reset_violation(id, SocketError::CreditExceeded);
         }
         self.out.wake(id, socket);

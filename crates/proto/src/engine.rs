@@ -147,11 +147,23 @@ pub(crate) struct Outbox {
 impl Outbox {
     /// Sends a packet from `socket`, stamped with its credit (`virtio_transport_inc_tx_pkt`).
     pub(crate) fn send(&mut self, socket: &mut Socket, op: Op, flags: u32, payload: Payload) {
+        self.send_data(socket, op, flags, payload, false);
+    }
+
+    /// [`Outbox::send`] for data that may be the application's own memory (`pinned`).
+    pub(crate) fn send_data(
+        &mut self,
+        socket: &mut Socket,
+        op: Op,
+        flags: u32,
+        payload: Payload,
+        pinned: bool,
+    ) {
         let (Some(local), Some(remote)) = (socket.local, socket.remote) else { return };
         let (buf_alloc, fwd_cnt) = socket.credit.stamp();
         let repr =
             Repr { flags, buf_alloc, fwd_cnt, ..Repr::new(op, socket.socket_type, local, remote) };
-        self.transmit.push_back(Packet::data(repr, payload));
+        self.transmit.push_back(Packet { pinned, ..Packet::data(repr, payload) });
     }
 
     /// RST in answer to a packet no socket wants (`virtio_transport_reset_no_sock`).
@@ -504,6 +516,7 @@ impl Engine {
             Some(pass) => guard_payload(&self.sink, grant.socket, pass.id, pass.copied, payload),
             None => payload,
         };
+        let pinned = grant.zerocopy.is_some_and(|pass| !pass.copied);
         let mut offset = 0;
         while offset < grant.len || grant.len == 0 {
             let chunk = (grant.len - offset).min(MAX_PACKET_PAYLOAD as usize);
@@ -515,7 +528,8 @@ impl Engine {
                     flags |= SeqFlags::EOR;
                 }
             }
-            self.out.send(socket, Op::Rw, flags.bits(), payload.slice(offset, chunk));
+            let chunk_payload = payload.slice(offset, chunk);
+            self.out.send_data(socket, Op::Rw, flags.bits(), chunk_payload, pinned);
             offset += chunk;
             if grant.len == 0 {
                 break;

@@ -174,19 +174,23 @@ pub struct Packet {
     pub repr: Repr,
     /// The payload (empty for control packets).
     pub payload: Payload,
+    /// The payload is the sending application's own memory (a zerocopy pass). A receiver must
+    /// not copy it into another packet when queueing (Linux merges only linear skbs), so the
+    /// sender's completion still waits for the reader. Never on the wire.
+    pub pinned: bool,
 }
 
 impl Packet {
     /// A control packet (no payload).
     pub fn control(repr: Repr) -> Packet {
-        Packet { repr: Repr { len: 0, ..repr }, payload: Payload::new() }
+        Packet { repr: Repr { len: 0, ..repr }, payload: Payload::new(), pinned: false }
     }
 
     /// A data packet; `repr.len` is set from the payload.
     pub fn data(repr: Repr, payload: Payload) -> Packet {
         // The engine never builds a payload over MAX_PACKET_PAYLOAD (64 KiB), so this fits.
         let len = u32::try_from(payload.len()).unwrap_or(u32::MAX);
-        Packet { repr: Repr { len, ..repr }, payload }
+        Packet { repr: Repr { len, ..repr }, payload, pinned: false }
     }
 }
 

@@ -27,6 +27,8 @@ const SMALL_TAIL_LIMIT: usize = 4096;
 #[derive(Debug)]
 struct RxPacket {
     data: Payload,
+    /// The sender's own memory (a zerocopy pass): never copied into another packet.
+    pinned: bool,
     /// `hdr.len` summed over the packets merged into this one: what `fwd_cnt` advances by.
     len: u32,
     /// Bytes already read from the front.
@@ -116,12 +118,14 @@ impl RxQueue {
         credit: &mut Credit,
         data: Payload,
         flags: SeqFlags,
+        pinned: bool,
     ) -> Result<(), Overrun> {
         let len = u32::try_from(data.len()).map_err(|_| Overrun)?;
         if !credit.can_queue(len) {
             return Err(Overrun);
         }
-        if len <= GOOD_COPY_LEN && self.append_to_tail(&data, flags) {
+        let small = len <= GOOD_COPY_LEN && !pinned;
+        if small && self.append_to_tail(&data, flags) {
             credit.on_queued(len);
             return Ok(());
         }
@@ -134,8 +138,8 @@ impl RxQueue {
         if flags.contains(SeqFlags::EOM) {
             self.messages += 1;
         }
-        let data = if len <= GOOD_COPY_LEN { linear(&data) } else { data };
-        self.packets.push_back(RxPacket { data, len, read: 0, flags });
+        let data = if small { linear(&data) } else { data };
+        self.packets.push_back(RxPacket { data, pinned, len, read: 0, flags });
         credit.on_queued(len);
         Ok(())
     }
@@ -148,7 +152,10 @@ impl RxQueue {
     /// `virtio_transport_recv_enqueue`), so a flood of tiny packets costs bytes, not entries.
     fn append_to_tail(&mut self, data: &Payload, flags: SeqFlags) -> bool {
         let Some(tail) = self.packets.back_mut() else { return false };
-        if tail.flags.contains(SeqFlags::EOM) || tail.data.len() + data.len() > SMALL_TAIL_LIMIT {
+        if tail.pinned
+            || tail.flags.contains(SeqFlags::EOM)
+            || tail.data.len() + data.len() > SMALL_TAIL_LIMIT
+        {
             return false;
         }
         let mut merged = BytesMut::with_capacity(tail.data.len() + data.len());
@@ -170,7 +177,12 @@ impl RxQueue {
         for packet in self.packets.drain(..) {
             if let Some(tail) = out.back_mut() {
                 let fits = tail.data.len() + packet.data.len() <= COLLAPSE_LIMIT;
-                if fits && tail.read == 0 && packet.read == 0 && !tail.flags.contains(SeqFlags::EOM)
+                if fits
+                    && !tail.pinned
+                    && !packet.pinned
+                    && tail.read == 0
+                    && packet.read == 0
+                    && !tail.flags.contains(SeqFlags::EOM)
                 {
                     let mut merged = tail.data.to_vec();
                     merged.extend_from_slice(&packet.data.to_vec());
@@ -289,9 +301,13 @@ mod tests {
     #[test]
     fn small_packet_is_appended_to_partially_read_tail() {
         let (mut queue, mut credit) = (RxQueue::default(), credit());
-        queue.enqueue(&mut credit, Payload::from(b"HELLO".to_vec()), SeqFlags::empty()).unwrap();
+        queue
+            .enqueue(&mut credit, Payload::from(b"HELLO".to_vec()), SeqFlags::empty(), false)
+            .unwrap();
         assert_eq!(stream_read(&mut queue, &mut credit, 2), b"HE");
-        queue.enqueue(&mut credit, Payload::from(b"WORLD".to_vec()), SeqFlags::empty()).unwrap();
+        queue
+            .enqueue(&mut credit, Payload::from(b"WORLD".to_vec()), SeqFlags::empty(), false)
+            .unwrap();
         assert_eq!(stream_read(&mut queue, &mut credit, 64), b"LLOWORLD");
         assert!(!queue.has_data());
         assert_eq!((credit.fwd_cnt, credit.buf_used, credit.rx_bytes), (10, 0, 0));
@@ -300,7 +316,9 @@ mod tests {
     #[test]
     fn fwd_cnt_moves_only_per_whole_packet() {
         let (mut queue, mut credit) = (RxQueue::default(), credit());
-        queue.enqueue(&mut credit, Payload::from(vec![1u8; 1000]), SeqFlags::empty()).unwrap();
+        queue
+            .enqueue(&mut credit, Payload::from(vec![1u8; 1000]), SeqFlags::empty(), false)
+            .unwrap();
         stream_read(&mut queue, &mut credit, 999);
         assert_eq!(credit.fwd_cnt, 0);
         stream_read(&mut queue, &mut credit, 1);
@@ -311,7 +329,7 @@ mod tests {
     fn overrun_is_refused() {
         let (mut queue, mut credit) = (RxQueue::default(), Credit::new(1000));
         assert_eq!(
-            queue.enqueue(&mut credit, Payload::from(vec![0u8; 1001]), SeqFlags::empty()),
+            queue.enqueue(&mut credit, Payload::from(vec![0u8; 1001]), SeqFlags::empty(), false),
             Err(Overrun)
         );
         assert_eq!(credit.buf_used, 0);
@@ -321,7 +339,9 @@ mod tests {
     fn many_mid_sized_packets_collapse_instead_of_overrunning() {
         let (mut queue, mut credit) = (RxQueue::default(), Credit::new(256 * 1024));
         for _ in 0..1500 {
-            queue.enqueue(&mut credit, Payload::from(vec![7u8; 129]), SeqFlags::empty()).unwrap();
+            queue
+                .enqueue(&mut credit, Payload::from(vec![7u8; 129]), SeqFlags::empty(), false)
+                .unwrap();
         }
         assert!(queue.packets.len() < 455);
         assert_eq!(stream_read(&mut queue, &mut credit, usize::MAX).len(), 1500 * 129);
@@ -331,11 +351,18 @@ mod tests {
     #[test]
     fn message_read_truncates_and_discards_the_rest() {
         let (mut queue, mut credit) = (RxQueue::default(), credit());
-        queue.enqueue(&mut credit, Payload::from(vec![1u8; 200]), SeqFlags::empty()).unwrap();
         queue
-            .enqueue(&mut credit, Payload::from(vec![2u8; 200]), SeqFlags::EOM | SeqFlags::EOR)
+            .enqueue(&mut credit, Payload::from(vec![1u8; 200]), SeqFlags::empty(), false)
             .unwrap();
-        queue.enqueue(&mut credit, Payload::from(vec![3u8; 300]), SeqFlags::EOM).unwrap();
+        queue
+            .enqueue(
+                &mut credit,
+                Payload::from(vec![2u8; 200]),
+                SeqFlags::EOM | SeqFlags::EOR,
+                false,
+            )
+            .unwrap();
+        queue.enqueue(&mut credit, Payload::from(vec![3u8; 300]), SeqFlags::EOM, false).unwrap();
         let lease = queue.lease_message(16).unwrap();
         assert_eq!(
             (lease.len(), lease.message_len(), lease.truncated(), lease.eor()),
@@ -352,7 +379,9 @@ mod tests {
     #[test]
     fn stale_lease_is_ignored() {
         let (mut queue, mut credit) = (RxQueue::default(), credit());
-        queue.enqueue(&mut credit, Payload::from(vec![1u8; 300]), SeqFlags::empty()).unwrap();
+        queue
+            .enqueue(&mut credit, Payload::from(vec![1u8; 300]), SeqFlags::empty(), false)
+            .unwrap();
         let lease = queue.lease_stream(100);
         assert!(queue.commit(&mut credit, &lease));
         assert!(!queue.commit(&mut credit, &lease));

@@ -311,7 +311,7 @@ fn header_length_that_disagrees_with_payload_is_a_violation() {
     let mut host = Host::new();
     host.established(SocketType::Stream);
     let repr = Repr { len: 10, ..stream(Op::Rw) };
-    let packet = Packet { repr, payload: Payload::from(b"short".to_vec()) };
+    let packet = Packet { repr, payload: Payload::from(b"short".to_vec()), pinned: false };
     assert_eq!(host.engine.handle_packet(host.now, packet), Disposition::Violation);
     assert_eq!(host.ops(), [Op::Rst]);
 }

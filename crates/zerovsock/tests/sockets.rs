@@ -373,3 +373,18 @@ fn concurrent_connections_keep_their_streams_apart() {
     drop(listener);
     assert_eq!(vsock.socket_count(), 0);
 }
+
+/// Kernel test "SOCK_STREAM MSG_PEEK after partial recv": a peek starts where the last read
+/// stopped.
+#[test]
+fn peek_after_a_partial_read_starts_at_the_read_position() {
+    let vsock = Vsock::loopback();
+    let (mut client, mut server) = pair(&vsock);
+    let data = pattern(64, 8);
+    client.write_all(&data).unwrap();
+    let mut first = [0u8; 10];
+    server.read_exact(&mut first).unwrap();
+    let mut peeked = [0u8; 54];
+    assert_eq!(server.peek(&mut peeked).unwrap(), 54);
+    assert_eq!(&peeked[..], &data[10..]);
+}

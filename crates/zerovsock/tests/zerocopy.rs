@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::thread;
 use std::time::Duration;
 
@@ -75,21 +75,27 @@ macro_rules! run_case {
         let readiness = client.poll(Interest::NONE, Some(wait)).unwrap();
         let completion = readiness.error.then(|| client.recv_completion().unwrap());
         check_completion(case.expect, completion).unwrap();
+        drop(client);
         assert_eq!(server.join().unwrap(), djb2(&expected), "data hash");
     }};
 }
 
+/// Reads `total` bytes, then waits for the client to close (so the client never sends to a
+/// closed peer, which would turn its errors into EPIPE).
 fn read_stream(conn: &VsockStream, total: usize) -> Vec<u8> {
     let mut data = vec![0u8; total];
     (&*conn).read_exact(&mut data).unwrap();
+    assert_eq!((&*conn).read(&mut [0u8; 1]).unwrap(), 0, "nothing after the case's data");
     data
 }
 
+/// Reads one message of `total` bytes, then waits for the client to close.
 fn read_message(conn: &VsockSeqpacket, total: usize) -> Vec<u8> {
     let mut data = vec![0u8; total + 1];
     let meta = conn.recv(&mut data).unwrap();
     assert_eq!(meta.len, total, "one whole message");
     data.truncate(meta.len);
+    assert_eq!(conn.recv(&mut [0u8; 1]).unwrap().len, 0, "nothing after the case's message");
     data
 }
 
@@ -155,7 +161,11 @@ fn message_larger_than_credit_completes_copied() {
     let vsock = Vsock::loopback();
     let (client, server) = pair(&vsock);
     client.set_zerocopy(true).unwrap();
-    let reader = thread::spawn(move || read_stream(&server, 300 * 1024));
+    let reader = thread::spawn(move || {
+        let mut data = vec![0u8; 300 * 1024];
+        (&server).read_exact(&mut data).unwrap();
+        data
+    });
     client.send_zerocopy(vec![3u8; 300 * 1024]).unwrap();
     assert_eq!(reader.join().unwrap(), vec![3u8; 300 * 1024]);
     client.poll(Interest::NONE, Some(COMPLETION_WAIT)).unwrap();
@@ -225,4 +235,25 @@ fn closing_the_receiver_completes_unread_sends() {
     drop(server);
     client.poll(Interest::NONE, Some(COMPLETION_WAIT)).unwrap();
     assert_eq!(client.recv_completion().unwrap().lo, 0, "buffer released, never read");
+}
+
+/// After the kernel's "vsock/virtio: Coalesce only linear skb" fix (test "SOCK_STREAM virtio
+/// MSG_ZEROCOPY coalescence corruption"): a small zerocopy send behind queued data is not copied
+/// into the queued packet; it stays the sender's memory, intact, until the reader takes it.
+#[test]
+fn small_zerocopy_send_is_not_merged_into_queued_data() {
+    let vsock = Vsock::loopback();
+    let (client, mut server) = pair(&vsock);
+    client.set_zerocopy(true).unwrap();
+    (&client).write_all(&[b'x'; 4097]).unwrap();
+    let small = zerovsock_testkit::suite::pattern(128, 5);
+    client.send_zerocopy(small.clone()).unwrap();
+    assert!(!client.readiness().error, "the 128 bytes are unread: still the sender's");
+    let mut skip = vec![0u8; 4097];
+    server.read_exact(&mut skip).unwrap();
+    assert!(!client.readiness().error);
+    let mut got = [0u8; 128];
+    server.read_exact(&mut got).unwrap();
+    assert_eq!(&got[..], &small[..]);
+    assert_eq!(client.recv_completion().unwrap(), Completion { lo: 0, hi: 0, copied: false });
 }
