@@ -25,6 +25,8 @@ pub struct Inner {
     nonblocking: AtomicBool,
     /// SO_SNDTIMEO as last set, for the waits the library does itself.
     write_timeout: Mutex<Option<Duration>>,
+    /// Serialises zerocopy sends, so their ids follow their order.
+    send_lock: Mutex<()>,
     linger: Mutex<Duration>,
 }
 
@@ -51,6 +53,7 @@ impl Inner {
             zerocopy_enabled: AtomicBool::new(false),
             nonblocking: AtomicBool::new(false),
             write_timeout: Mutex::new(None),
+            send_lock: Mutex::new(()),
             linger: Mutex::new(DEFAULT_LINGER),
         }
     }
@@ -176,46 +179,46 @@ impl Inner {
     /// One MSG_ZEROCOPY send of `bufs`; `owners` keep their memory alive until every pass
     /// that carried them has completed. STREAM: non-blocking passes, the library waits for
     /// room in between (see `zerocopy.rs`); SEQPACKET: one call per message.
+    ///
+    /// The id of each pass is recorded before its `sendmsg` (and given back if the pass moved
+    /// nothing), so a completion can never be matched before its id is known, and the tracker
+    /// lock is not held while the kernel call blocks: other threads may read completions and
+    /// readiness meanwhile. Sends are serialised.
     pub(crate) fn send_zerocopy(&self, bufs: &[&[u8]], owners: Vec<Owner>) -> io::Result<usize> {
+        let _serial = lock(&self.send_lock);
         let enabled = self.zerocopy_enabled.load(Ordering::Relaxed);
-        let mut tracker = lock(&self.zerocopy);
-        // Free whatever the kernel is done with before pinning more.
-        self.drain_completions(&mut tracker)?;
-        let mut ids = Vec::new();
-        let result = match self.socket_type {
-            SocketType::Stream => self.stream_passes(bufs, &mut |sent| {
-                if enabled && sent > 0 {
-                    ids.push(tracker.take_id());
-                }
-            }),
-            SocketType::Seqpacket => {
-                sys::sendmsg(self.fd(), bufs, libc::MSG_ZEROCOPY).inspect(|&sent| {
-                    if enabled && sent > 0 {
-                        ids.push(tracker.take_id());
-                    }
-                })
-            }
+        let send = {
+            let mut tracker = lock(&self.zerocopy);
+            // Free whatever the kernel is done with before pinning more.
+            self.drain_completions(&mut tracker)?;
+            tracker.open(owners)
         };
-        // Pinned even when the send failed part-way: earlier passes may still be in flight.
-        tracker.pin(ids, owners);
+        let pass = |flags: i32, rest: &[&[u8]]| -> io::Result<usize> {
+            let id = enabled.then(|| lock(&self.zerocopy).pass(send));
+            let result = sys::sendmsg(self.fd(), rest, libc::MSG_ZEROCOPY | flags);
+            if let (Some(id), Ok(0) | Err(_)) = (id, &result) {
+                lock(&self.zerocopy).unpass(send, id);
+            }
+            result
+        };
+        let result = match self.socket_type {
+            SocketType::Stream => self.stream_passes(bufs, &pass),
+            SocketType::Seqpacket => pass(0, bufs),
+        };
+        lock(&self.zerocopy).close(send);
         result
     }
 
-    /// Non-blocking MSG_ZEROCOPY passes until everything is sent, waiting for POLLOUT in
-    /// between as a blocking socket would (honouring SO_SNDTIMEO). `pass` sees each pass's
-    /// byte count.
-    fn stream_passes(&self, bufs: &[&[u8]], pass: &mut dyn FnMut(usize)) -> io::Result<usize> {
+    /// Non-blocking passes until everything is sent, waiting for POLLOUT in between as a
+    /// blocking socket would (honouring SO_SNDTIMEO).
+    fn stream_passes(&self, bufs: &[&[u8]], pass: &Pass<'_>) -> io::Result<usize> {
         let total: usize = bufs.iter().map(|b| b.len()).sum();
         let blocking = !self.nonblocking.load(Ordering::Relaxed);
         let deadline = lock(&self.write_timeout).map(|t| Instant::now() + t);
         let mut sent = 0;
         while sent < total {
-            let rest = skip(bufs, sent);
-            match sys::sendmsg(self.fd(), &rest, libc::MSG_ZEROCOPY | libc::MSG_DONTWAIT) {
-                Ok(n) => {
-                    pass(n);
-                    sent += n;
-                }
+            match pass(libc::MSG_DONTWAIT, &skip(bufs, sent)) {
+                Ok(n) => sent += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock && blocking => {
                     let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
                     if left == Some(Duration::ZERO) {
@@ -279,6 +282,9 @@ impl Inner {
         }
     }
 }
+
+/// One `sendmsg` pass with extra flags over the rest of a send's buffers.
+type Pass<'a> = dyn Fn(i32, &[&[u8]]) -> io::Result<usize> + 'a;
 
 /// The unsent rest of `bufs` after `skip` bytes.
 fn skip<'a>(bufs: &[&'a [u8]], mut skip: usize) -> Vec<&'a [u8]> {

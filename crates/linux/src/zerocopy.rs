@@ -42,15 +42,29 @@ pub fn leaked_buffers() -> usize {
 pub(crate) type Owner = Box<dyn Any + Send>;
 
 struct Pinned {
+    key: u64,
     /// Ids of the passes that carried these buffers, not yet completed.
     ids: Vec<u32>,
+    /// The send is still going: more passes (ids) may come.
+    open: bool,
     owners: Vec<Owner>,
 }
+
+impl Pinned {
+    fn done(&self) -> bool {
+        !self.open && self.ids.is_empty()
+    }
+}
+
+/// A send in progress whose buffers are pinned (see [`Tracker::open`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct SendKey(u64);
 
 /// Per-socket record of ids and the buffers they pin.
 #[derive(Default)]
 pub(crate) struct Tracker {
     next_id: u32,
+    next_key: u64,
     pinned: VecDeque<Pinned>,
     /// Completions read from the kernel, not yet handed to the application.
     queue: VecDeque<Completion>,
@@ -71,10 +85,47 @@ impl Tracker {
         id
     }
 
-    /// Keeps `owners` until every one of `ids` has completed.
-    pub(crate) fn pin(&mut self, ids: Vec<u32>, owners: Vec<Owner>) {
-        if !ids.is_empty() && !owners.is_empty() {
-            self.pinned.push_back(Pinned { ids, owners });
+    /// Pins `owners` for a send about to start: they stay until the send is closed and every
+    /// id recorded for it has completed.
+    pub(crate) fn open(&mut self, owners: Vec<Owner>) -> SendKey {
+        let key = self.next_key;
+        self.next_key += 1;
+        self.pinned.push_back(Pinned { key, ids: Vec::new(), open: true, owners });
+        SendKey(key)
+    }
+
+    /// Records a pass of the send before it is made: it will take the next id, which pins the
+    /// send's buffers from now on (so a completion can never be matched before its id is known).
+    pub(crate) fn pass(&mut self, send: SendKey) -> u32 {
+        let id = self.take_id();
+        if let Some(pinned) = self.pinned.iter_mut().find(|p| p.key == send.0) {
+            pinned.ids.push(id);
+        }
+        id
+    }
+
+    /// The pass recorded as `id` moved no bytes, so the kernel took no id: give it back. Sends
+    /// are serialised, so it is still the newest id.
+    pub(crate) fn unpass(&mut self, send: SendKey, id: u32) {
+        if self.next_id == id.wrapping_add(1) {
+            self.next_id = id;
+        }
+        if let Some(pinned) = self.pinned.iter_mut().find(|p| p.key == send.0) {
+            pinned.ids.retain(|i| *i != id);
+        }
+    }
+
+    /// The send is over: no more passes.
+    pub(crate) fn close(&mut self, send: SendKey) {
+        if let Some(pinned) = self.pinned.iter_mut().find(|p| p.key == send.0) {
+            pinned.open = false;
+        }
+        self.release();
+    }
+
+    fn release(&mut self) {
+        if !self.lost_sync {
+            self.pinned.retain(|pinned| !pinned.done());
         }
     }
 
@@ -92,7 +143,7 @@ impl Tracker {
         for pinned in &mut self.pinned {
             pinned.ids.retain(|id| !completion.contains(*id));
         }
-        self.pinned.retain(|pinned| !pinned.ids.is_empty());
+        self.release();
     }
 
     /// The oldest completion read but not yet handed out.
@@ -135,10 +186,12 @@ mod tests {
     }
 
     impl Tracker {
-        /// One pass, one buffer.
+        /// One send of one pass.
         fn sent(&mut self, owners: Vec<Owner>) -> u32 {
-            let id = self.take_id();
-            self.pin(vec![id], owners);
+            let id = self.next_id;
+            let send = self.open(owners);
+            self.pass(send);
+            self.close(send);
             id
         }
     }
@@ -147,8 +200,10 @@ mod tests {
     fn a_buffer_sent_in_several_passes_waits_for_all_of_them() {
         let buffer = Arc::new(vec![0u8]);
         let mut tracker = Tracker::default();
-        let ids = vec![tracker.take_id(), tracker.take_id()];
-        tracker.pin(ids, owner(&buffer));
+        let send = tracker.open(owner(&buffer));
+        tracker.pass(send);
+        tracker.pass(send);
+        tracker.close(send);
         tracker.completed(Completion { lo: 1, hi: 1, copied: true }, false);
         assert_eq!(Arc::strong_count(&buffer), 2);
         tracker.completed(Completion { lo: 0, hi: 0, copied: true }, false);
@@ -166,6 +221,30 @@ mod tests {
         tracker.completed(Completion { lo: 1, hi: 1, copied: false }, false);
         assert_eq!(Arc::strong_count(&b), 1);
         assert_eq!(tracker.pop().map(|c| c.lo), Some(0));
+    }
+
+    #[test]
+    fn a_send_still_going_keeps_its_buffers_even_when_its_passes_completed() {
+        let buffer = Arc::new(vec![0u8]);
+        let mut tracker = Tracker::default();
+        let send = tracker.open(owner(&buffer));
+        tracker.pass(send);
+        tracker.completed(Completion { lo: 0, hi: 0, copied: true }, false);
+        assert_eq!(Arc::strong_count(&buffer), 2, "more passes may still use it");
+        let id = tracker.pass(send);
+        tracker.unpass(send, id);
+        assert_eq!(tracker.next_id(), 1, "a pass that moved nothing gives its id back");
+        tracker.close(send);
+        assert_eq!(Arc::strong_count(&buffer), 1);
+    }
+
+    #[test]
+    fn a_send_that_took_no_id_releases_at_close() {
+        let buffer = Arc::new(vec![0u8]);
+        let mut tracker = Tracker::default();
+        let send = tracker.open(owner(&buffer));
+        tracker.close(send);
+        assert_eq!(Arc::strong_count(&buffer), 1);
     }
 
     #[test]
