@@ -9,6 +9,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
+use std::task::{Context, Poll, Waker};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -43,6 +44,8 @@ pub(crate) struct Waiter {
     generation: AtomicU64,
     sleepers: AtomicUsize,
     spin_ns: AtomicU64,
+    /// Tasks waiting on this socket; registered and woken under the engine lock.
+    tasks: Mutex<Vec<Waker>>,
 }
 
 impl Default for Waiter {
@@ -52,6 +55,7 @@ impl Default for Waiter {
             generation: AtomicU64::new(0),
             sleepers: AtomicUsize::new(0),
             spin_ns: AtomicU64::new(SPIN_MIN.as_nanos() as u64),
+            tasks: Mutex::new(Vec::new()),
         }
     }
 }
@@ -61,6 +65,17 @@ impl Waiter {
         self.generation.fetch_add(1, Ordering::Release);
         if self.sleepers.load(Ordering::Relaxed) > 0 {
             self.ready.notify_all();
+        }
+        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(PoisonError::into_inner));
+        for task in tasks {
+            task.wake();
+        }
+    }
+
+    fn register(&self, waker: &Waker) {
+        let mut tasks = self.tasks.lock().unwrap_or_else(PoisonError::into_inner);
+        if !tasks.iter().any(|task| task.will_wake(waker)) {
+            tasks.push(waker.clone());
         }
     }
 
@@ -237,6 +252,33 @@ impl Shared {
             };
             waiter.sleepers.fetch_sub(1, Ordering::Relaxed);
             waiter.learn(started.elapsed());
+        }
+    }
+
+    /// The asynchronous form of [`Shared::wait`]: one attempt; when it must wait, the task is
+    /// registered on `waiter` under the engine lock (so no wake-up can slip between the attempt
+    /// and the registration) and `Pending` is returned.
+    pub(crate) fn poll_attempt<T>(
+        &self,
+        waiter: &Waiter,
+        cx: &mut Context<'_>,
+        attempt: impl FnOnce(&mut Engine, Instant) -> io::Result<Option<T>>,
+    ) -> Poll<io::Result<T>> {
+        let mut core = self.lock();
+        let now = Instant::now();
+        core.pump(now);
+        let result = attempt(&mut core.engine, now);
+        core.pump(now);
+        if core.engine.poll_timeout().is_some() {
+            self.clock.notify_one();
+        }
+        match result {
+            Ok(Some(value)) => Poll::Ready(Ok(value)),
+            Err(error) => Poll::Ready(Err(error)),
+            Ok(None) => {
+                waiter.register(cx.waker());
+                Poll::Pending
+            }
         }
     }
 

@@ -9,6 +9,12 @@
 //! * [`VsockSocket`]: an unconnected socket for options that must be set before connecting or
 //!   listening (buffer sizes, SO_ZEROCOPY, connect timeout).
 //!
+//! Every blocking call has an `async` form (`accept_async`, `connect_async`, `read_async`,
+//! `write_async`, `send_zerocopy_async`, `completion`, ...) and a `poll_*` form with the shape of
+//! `AsyncRead`/`AsyncWrite`, so any executor can drive them: a waiting task is registered on its
+//! socket under the engine lock and woken by the same event that wakes blocked threads. No
+//! runtime is required.
+//!
 //! # Zerocopy
 //!
 //! With SO_ZEROCOPY on, [`VsockStream::send_zerocopy`] takes ownership of the buffer and

@@ -5,11 +5,13 @@
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use zerovsock_proto::{
-    Completion, Interest, Payload, Readiness, RecvError, RecvMeta, SendError, SendRequest, SocketId,
+    AcceptError, Completion, Engine, Interest, Payload, Readiness, RecvError, RecvLease, RecvMeta,
+    SendError, SendGrant, SendRequest, SocketId,
 };
 use zerovsock_wire::{Addr, ShutdownFlags, SocketType};
 
@@ -132,31 +134,69 @@ impl Inner {
         self.shared.with(|engine, _| engine.listen(self.id, backlog)).map_err(error::listen)
     }
 
-    pub(crate) fn accept(&self) -> io::Result<Inner> {
-        let id = self.wait(None, |engine, _| match engine.accept(self.id) {
+    fn try_accept(&self, engine: &mut Engine) -> io::Result<Option<SocketId>> {
+        match engine.accept(self.id) {
             Ok(child) => Ok(Some(child)),
-            Err(zerovsock_proto::AcceptError::WouldBlock) => Ok(None),
+            Err(AcceptError::WouldBlock) => Ok(None),
             Err(other) => Err(error::accept(other)),
-        })?;
+        }
+    }
+
+    pub(crate) fn accept(&self) -> io::Result<Inner> {
+        let id = self.wait(None, |engine, _| self.try_accept(engine))?;
         Ok(Inner::adopt(&self.shared, id, self.socket_type))
+    }
+
+    /// Sends REQUEST; the outcome is awaited with [`Inner::try_connected`].
+    pub(crate) fn start_connect(&self, addr: Addr, timeout: Option<Duration>) -> io::Result<()> {
+        if let Some(timeout) = check_timeout(timeout)? {
+            self.set_connect_timeout(timeout)?;
+        }
+        self.shared.with(|engine, now| engine.connect(now, self.id, addr)).map_err(error::connect)
+    }
+
+    fn try_connected(&self, engine: &mut Engine) -> io::Result<Option<()>> {
+        match engine.connect_result(self.id) {
+            Ok(true) => Ok(Some(())),
+            Ok(false) => Ok(None),
+            Err(failure) => Err(error::connect(failure)),
+        }
     }
 
     /// Connects, waiting up to `timeout` (default: the socket's connect timeout, 2 s).
     pub(crate) fn connect(&self, addr: Addr, timeout: Option<Duration>) -> io::Result<()> {
-        if let Some(timeout) = check_timeout(timeout)? {
-            self.set_connect_timeout(timeout)?;
-        }
-        self.shared
-            .with(|engine, now| engine.connect(now, self.id, addr))
-            .map_err(error::connect)?;
+        self.start_connect(addr, timeout)?;
         // The engine's own timer ends a connect that gets no answer.
-        self.shared.wait(&self.waiter, false, None, |engine, _| {
-            match engine.connect_result(self.id) {
-                Ok(true) => Ok(Some(())),
-                Ok(false) => Ok(None),
-                Err(failure) => Err(error::connect(failure)),
-            }
-        })
+        self.shared.wait(&self.waiter, false, None, |engine, _| self.try_connected(engine))
+    }
+
+    /// The pass request for the rest of a message.
+    fn request(total: usize, sent: usize, zerocopy: bool, eor: bool) -> SendRequest {
+        // Copy-mode messages go out in passes of a few packets, so the receiver reads the
+        // first while the rest is still being copied (Linux hands each skb over as it is
+        // filled). Zerocopy passes take all the credit there is, as Linux's do.
+        let max_pass = if zerocopy { usize::MAX } else { COPY_PASS };
+        SendRequest { remaining: total - sent, fresh: sent == 0, zerocopy, eor, max_pass }
+    }
+
+    fn try_pass(&self, engine: &mut Engine, request: SendRequest) -> io::Result<Option<SendGrant>> {
+        match engine.begin_send(self.id, request) {
+            Ok(grant) => Ok(Some(grant)),
+            Err(SendError::WouldBlock) => Ok(None),
+            Err(other) => Err(error::send(other)),
+        }
+    }
+
+    /// Builds the pass's payload (a copy only when the grant says so) and sends it.
+    fn finish_pass(&self, grant: SendGrant, source: &Source<'_>, sent: usize) -> io::Result<usize> {
+        let len = grant.len();
+        let pool = self.shared.pool();
+        let payload = if grant.must_copy() {
+            source.copy(pool, sent, len)
+        } else {
+            source.share(pool, sent, len)
+        };
+        self.shared.with(|engine, _| engine.finish_send(grant, payload)).map_err(error::send)
     }
 
     /// Sends `source` as one message (the `vsock_connectible_sendmsg` loop): one engine pass per
@@ -173,19 +213,10 @@ impl Inner {
         let deadline = lock(&self.write_timeout).map(|t| Instant::now() + t);
         let mut sent = 0;
         loop {
-            // Copy-mode messages go out in passes of a few packets, so the receiver reads the
-            // first while the rest is still being copied (Linux hands each skb over as it is
-            // filled). Zerocopy passes take all the credit there is, as Linux's do.
-            let max_pass = if zerocopy { usize::MAX } else { COPY_PASS };
-            let remaining = total - sent;
-            let request = SendRequest { remaining, fresh: sent == 0, zerocopy, eor, max_pass };
+            let request = Inner::request(total, sent, zerocopy, eor);
             let grant =
                 self.shared.wait(&self.waiter, self.nonblocking(), deadline, |engine, _| {
-                    match engine.begin_send(self.id, request) {
-                        Ok(grant) => Ok(Some(grant)),
-                        Err(SendError::WouldBlock) => Ok(None),
-                        Err(other) => Err(error::send(other)),
-                    }
+                    self.try_pass(engine, request)
                 });
             let grant = match grant {
                 Ok(grant) => grant,
@@ -194,38 +225,100 @@ impl Inner {
                 }
                 Err(e) => return Err(e),
             };
-            let len = grant.len();
-            let pool = self.shared.pool();
-            let payload = if grant.must_copy() {
-                source.copy(pool, sent, len)
-            } else {
-                source.share(pool, sent, len)
-            };
-            self.shared
-                .with(|engine, _| engine.finish_send(grant, payload))
-                .map_err(error::send)?;
-            sent += len;
+            sent += self.finish_pass(grant, &source, sent)?;
             if sent == total {
                 return Ok(sent);
             }
         }
     }
 
-    /// Receives into `buf` (one message for SEQPACKET). With `peek`, nothing is consumed.
-    pub(crate) fn recv(&self, buf: &mut [u8], peek: bool) -> io::Result<RecvMeta> {
-        let _serial = lock(&self.recv_lock);
-        let timeout = *lock(&self.read_timeout);
-        let lease = self.wait(timeout, |engine, _| match engine.recv(self.id, buf.len()) {
+    fn try_recv(&self, engine: &mut Engine, max: usize) -> io::Result<Option<RecvLease>> {
+        match engine.recv(self.id, max) {
             Ok(lease) => Ok(Some(lease)),
             Err(RecvError::WouldBlock) => Ok(None),
             Err(other) => Err(error::recv(other)),
-        })?;
+        }
+    }
+
+    /// Copies a lease out (without the engine lock), then consumes it unless peeking.
+    fn finish_recv(&self, lease: RecvLease, buf: &mut [u8], peek: bool) -> RecvMeta {
         let len = lease.copy_to(buf);
         let meta = RecvMeta { len, message_len: lease.message_len(), eor: lease.eor() };
         if !peek {
             self.shared.with(|engine, _| engine.commit_recv(self.id, lease));
         }
-        Ok(meta)
+        meta
+    }
+
+    /// Receives into `buf` (one message for SEQPACKET). With `peek`, nothing is consumed.
+    pub(crate) fn recv(&self, buf: &mut [u8], peek: bool) -> io::Result<RecvMeta> {
+        let _serial = lock(&self.recv_lock);
+        let timeout = *lock(&self.read_timeout);
+        let lease = self.wait(timeout, |engine, _| self.try_recv(engine, buf.len()))?;
+        Ok(self.finish_recv(lease, buf, peek))
+    }
+
+    /// Asynchronous accept.
+    pub(crate) fn poll_accept(&self, cx: &mut Context<'_>) -> Poll<io::Result<Inner>> {
+        self.shared
+            .poll_attempt(&self.waiter, cx, |engine, _| self.try_accept(engine))
+            .map_ok(|id| Inner::adopt(&self.shared, id, self.socket_type))
+    }
+
+    /// Asynchronous wait for a connect started with [`Inner::start_connect`].
+    pub(crate) fn poll_connected(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.shared.poll_attempt(&self.waiter, cx, |engine, _| self.try_connected(engine))
+    }
+
+    /// Asynchronous send. STREAM sends what the credit allows now (at least one byte); a
+    /// SEQPACKET message waits until it fits whole, so a message is never left half sent.
+    pub(crate) fn poll_send(
+        &self,
+        cx: &mut Context<'_>,
+        source: &Source<'_>,
+        zerocopy: bool,
+        eor: bool,
+    ) -> Poll<io::Result<usize>> {
+        let _serial = lock(&self.send_lock);
+        let total = source.len();
+        let stream = self.socket_type == SocketType::Stream;
+        if total == 0 && stream {
+            return Poll::Ready(Ok(0));
+        }
+        let request =
+            SendRequest { max_pass: usize::MAX, ..Inner::request(total, 0, zerocopy, eor) };
+        let grant = self.shared.poll_attempt(&self.waiter, cx, |engine, _| {
+            let grant = self.try_pass(engine, request)?;
+            match grant {
+                Some(grant) if !stream && grant.len() < total => {
+                    engine.abort_send(grant);
+                    Ok(None)
+                }
+                other => Ok(other),
+            }
+        });
+        grant.map(|grant| self.finish_pass(grant?, source, 0))
+    }
+
+    /// Asynchronous receive.
+    pub(crate) fn poll_recv(
+        &self,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+        peek: bool,
+    ) -> Poll<io::Result<RecvMeta>> {
+        let _serial = lock(&self.recv_lock);
+        let lease = self
+            .shared
+            .poll_attempt(&self.waiter, cx, |engine, _| self.try_recv(engine, buf.len()));
+        lease.map_ok(|lease| self.finish_recv(lease, buf, peek))
+    }
+
+    /// Asynchronous wait for the next zerocopy completion.
+    pub(crate) fn poll_completion(&self, cx: &mut Context<'_>) -> Poll<io::Result<Completion>> {
+        self.shared.poll_attempt(&self.waiter, cx, |engine, _| {
+            engine.recv_completion(self.id).map_err(error::option)
+        })
     }
 
     pub(crate) fn shutdown(&self, how: std::net::Shutdown) -> io::Result<()> {

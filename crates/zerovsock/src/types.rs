@@ -3,6 +3,7 @@
 
 use std::io::{self, IoSlice, Read, Write};
 use std::marker::PhantomData;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -184,6 +185,20 @@ macro_rules! listener {
                 Ok((conn, peer))
             }
 
+            /// Waits for a connection without blocking the thread.
+            pub async fn accept_async(&self) -> io::Result<($conn, Addr)> {
+                std::future::poll_fn(|cx| self.poll_accept(cx)).await
+            }
+
+            /// The poll form of [`Self::accept_async`], for hand-written futures.
+            pub fn poll_accept(&self, cx: &mut Context<'_>) -> Poll<io::Result<($conn, Addr)>> {
+                self.inner.poll_accept(cx).map(|inner| {
+                    let conn = $conn::from(inner?);
+                    let peer = conn.peer_addr()?;
+                    Ok((conn, peer))
+                })
+            }
+
             /// An endless iterator over accepted connections.
             pub fn incoming(&self) -> impl Iterator<Item = io::Result<$conn>> + '_ {
                 std::iter::repeat_with(move || self.accept().map(|(conn, _)| conn))
@@ -225,6 +240,32 @@ macro_rules! connected {
                 let socket = VsockSocket::<$kind>::new(vsock)?;
                 socket.inner.connect(addr, Some(timeout))?;
                 Ok($name::from(socket.inner))
+            }
+
+            /// Connects without blocking the thread (the connect timeout still applies).
+            pub async fn connect_async(vsock: &Vsock, addr: Addr) -> io::Result<$name> {
+                let socket = VsockSocket::<$kind>::new(vsock)?;
+                socket.inner.start_connect(addr, None)?;
+                std::future::poll_fn(|cx| socket.inner.poll_connected(cx)).await?;
+                Ok($name::from(socket.inner))
+            }
+
+            /// [`Self::send_zerocopy`] without blocking the thread. A STREAM send completes with
+            /// what the credit took (at least one byte); a SEQPACKET message waits until it fits.
+            pub async fn send_zerocopy_async(&self, buf: impl Into<Bytes>) -> io::Result<usize> {
+                let payload = payload_of([buf.into()]);
+                let source = Source::Shared(&payload);
+                std::future::poll_fn(|cx| self.inner.poll_send(cx, &source, true, false)).await
+            }
+
+            /// Waits for the next zerocopy completion without blocking the thread.
+            pub async fn completion(&self) -> io::Result<Completion> {
+                std::future::poll_fn(|cx| self.poll_completion(cx)).await
+            }
+
+            /// The poll form of [`Self::completion`].
+            pub fn poll_completion(&self, cx: &mut Context<'_>) -> Poll<io::Result<Completion>> {
+                self.inner.poll_completion(cx)
             }
 
             /// The peer's address.
@@ -337,6 +378,35 @@ impl VsockStream {
     pub fn peek(&self, buf: &mut [u8]) -> io::Result<usize> {
         self.inner.recv(buf, true).map(|meta| meta.len)
     }
+
+    /// Reads without blocking the thread; 0 is end of stream.
+    pub async fn read_async(&self, buf: &mut [u8]) -> io::Result<usize> {
+        std::future::poll_fn(|cx| self.poll_read(cx, buf)).await
+    }
+
+    /// Writes what the credit takes now (at least one byte) without blocking the thread.
+    pub async fn write_async(&self, buf: &[u8]) -> io::Result<usize> {
+        std::future::poll_fn(|cx| self.poll_write(cx, buf)).await
+    }
+
+    /// Writes all of `buf` without blocking the thread.
+    pub async fn write_all_async(&self, mut buf: &[u8]) -> io::Result<()> {
+        while !buf.is_empty() {
+            let n = self.write_async(buf).await?;
+            buf = &buf[n..];
+        }
+        Ok(())
+    }
+
+    /// The poll form of [`Self::read_async`] (the shape of `AsyncRead::poll_read`).
+    pub fn poll_read(&self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        self.inner.poll_recv(cx, buf, false).map_ok(|meta| meta.len)
+    }
+
+    /// The poll form of [`Self::write_async`] (the shape of `AsyncWrite::poll_write`).
+    pub fn poll_write(&self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        self.inner.poll_send(cx, &Source::Borrowed(buf), false, false)
+    }
 }
 
 impl Read for &VsockStream {
@@ -403,5 +473,16 @@ impl VsockSeqpacket {
     /// Looks at the next message without consuming it.
     pub fn peek(&self, buf: &mut [u8]) -> io::Result<RecvMeta> {
         self.inner.recv(buf, true)
+    }
+
+    /// Sends one message without blocking the thread; waits until it fits whole.
+    pub async fn send_async(&self, buf: &[u8]) -> io::Result<usize> {
+        let source = Source::Borrowed(buf);
+        std::future::poll_fn(|cx| self.inner.poll_send(cx, &source, false, false)).await
+    }
+
+    /// Receives one message without blocking the thread.
+    pub async fn recv_async(&self, buf: &mut [u8]) -> io::Result<RecvMeta> {
+        std::future::poll_fn(|cx| self.inner.poll_recv(cx, buf, false)).await
     }
 }
