@@ -7,7 +7,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
 use std::task::{Context, Poll, Waker};
 use std::thread;
@@ -46,6 +46,8 @@ pub(crate) struct Waiter {
     spin_ns: AtomicU64,
     /// Tasks waiting on this socket; registered and woken under the engine lock.
     tasks: Mutex<Vec<Waker>>,
+    /// Whether `tasks` may be non-empty, so that waking skips its lock in blocking-only use.
+    has_tasks: AtomicBool,
 }
 
 impl Default for Waiter {
@@ -56,6 +58,7 @@ impl Default for Waiter {
             sleepers: AtomicUsize::new(0),
             spin_ns: AtomicU64::new(SPIN_MIN.as_nanos() as u64),
             tasks: Mutex::new(Vec::new()),
+            has_tasks: AtomicBool::new(false),
         }
     }
 }
@@ -66,9 +69,12 @@ impl Waiter {
         if self.sleepers.load(Ordering::Relaxed) > 0 {
             self.ready.notify_all();
         }
-        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(PoisonError::into_inner));
-        for task in tasks {
-            task.wake();
+        if self.has_tasks.swap(false, Ordering::AcqRel) {
+            let tasks =
+                std::mem::take(&mut *self.tasks.lock().unwrap_or_else(PoisonError::into_inner));
+            for task in tasks {
+                task.wake();
+            }
         }
     }
 
@@ -77,6 +83,7 @@ impl Waiter {
         if !tasks.iter().any(|task| task.will_wake(waker)) {
             tasks.push(waker.clone());
         }
+        self.has_tasks.store(true, Ordering::Release);
     }
 
     fn spin_budget(&self) -> Duration {
