@@ -163,8 +163,9 @@ impl<K: Kind> VsockSocket<K> {
     }
 }
 
-macro_rules! listener {
-    ($name:ident, $kind:ident, $conn:ident, $doc:literal) => {
+/// A public socket type over [`Inner`], with its conversions.
+macro_rules! socket_type {
+    ($name:ident, $doc:literal) => {
         #[doc = $doc]
         #[derive(Debug)]
         pub struct $name {
@@ -182,6 +183,12 @@ macro_rules! listener {
                 self.inner.fd()
             }
         }
+    };
+}
+
+macro_rules! listener {
+    ($name:ident, $kind:ident, $conn:ident, $doc:literal) => {
+        socket_type!($name, $doc);
 
         impl $name {
             /// Binds to `addr` and listens with a backlog of 128.
@@ -212,23 +219,7 @@ listener!(VsockSeqpacketListener, Seqpacket, VsockSeqpacket, "A kernel SEQPACKET
 
 macro_rules! connected {
     ($name:ident, $kind:ident, $doc:literal) => {
-        #[doc = $doc]
-        #[derive(Debug)]
-        pub struct $name {
-            inner: Inner,
-        }
-
-        impl From<Inner> for $name {
-            fn from(inner: Inner) -> $name {
-                $name { inner }
-            }
-        }
-
-        impl AsFd for $name {
-            fn as_fd(&self) -> BorrowedFd<'_> {
-                self.inner.fd()
-            }
-        }
+        socket_type!($name, $doc);
 
         impl $name {
             /// Connects to `addr` (the kernel's connect timeout applies, 2 s by default).

@@ -189,8 +189,18 @@ impl Shared {
 
     /// Runs one engine step and pumps.
     pub(crate) fn with<R>(&self, step: impl FnOnce(&mut Engine, Instant) -> R) -> R {
-        let mut core = self.lock();
-        let now = Instant::now();
+        self.step(&mut self.lock(), Instant::now(), step)
+    }
+
+    /// One step under the lock: pump first (due timers, finished completions), run `step`, pump
+    /// what it produced, and make sure the clock thread knows of any armed timer.
+    fn step<R>(
+        &self,
+        core: &mut Core,
+        now: Instant,
+        step: impl FnOnce(&mut Engine, Instant) -> R,
+    ) -> R {
+        core.pump(now);
         let result = step(&mut core.engine, now);
         core.pump(now);
         if core.engine.poll_timeout().is_some() {
@@ -214,13 +224,7 @@ impl Shared {
         let mut core = self.lock();
         loop {
             let now = Instant::now();
-            core.pump(now);
-            let result = attempt(&mut core.engine, now);
-            core.pump(now);
-            if core.engine.poll_timeout().is_some() {
-                self.clock.notify_one();
-            }
-            match result {
+            match self.step(&mut core, now, &mut attempt) {
                 Ok(Some(value)) => return Ok(value),
                 Err(error) => return Err(error),
                 Ok(None) if nonblocking => return Err(io::ErrorKind::WouldBlock.into()),
@@ -271,15 +275,7 @@ impl Shared {
         cx: &mut Context<'_>,
         attempt: impl FnOnce(&mut Engine, Instant) -> io::Result<Option<T>>,
     ) -> Poll<io::Result<T>> {
-        let mut core = self.lock();
-        let now = Instant::now();
-        core.pump(now);
-        let result = attempt(&mut core.engine, now);
-        core.pump(now);
-        if core.engine.poll_timeout().is_some() {
-            self.clock.notify_one();
-        }
-        match result {
+        match self.step(&mut self.lock(), Instant::now(), attempt) {
             Ok(Some(value)) => Poll::Ready(Ok(value)),
             Err(error) => Poll::Ready(Err(error)),
             Ok(None) => {
