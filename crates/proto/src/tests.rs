@@ -527,3 +527,69 @@ fn packets_for_another_cid_are_dropped_silently() {
     assert_eq!(host.deliver(request, &[]), Disposition::Dropped);
     assert!(host.sent().is_empty());
 }
+
+#[test]
+fn buffer_size_change_is_announced_with_credit_update() {
+    let mut host = Host::new();
+    let child = host.established(SocketType::Stream);
+    host.engine.set_buffer_size(child, 4096).unwrap();
+    let sent = host.sent();
+    assert_eq!((sent[0].repr.op, sent[0].repr.buf_alloc), (Op::CreditUpdate, 4096));
+    host.engine.set_buffer_size(child, 4096).unwrap();
+    assert!(host.sent().is_empty(), "no change, no update");
+}
+
+#[test]
+fn buffer_size_is_clamped_into_min_and_max() {
+    let mut host = Host::new();
+    let id = host.engine.open(SocketType::Stream).unwrap();
+    assert_eq!(host.engine.set_buffer_size(id, 1 << 30), Ok(256 * 1024), "max is 256 KiB");
+    assert_eq!(host.engine.set_buffer_size(id, 1), Ok(128), "min is 128");
+    host.engine.set_buffer_max_size(id, 1 << 30).unwrap();
+    assert_eq!(host.engine.set_buffer_size(id, 1 << 30), Ok(1 << 30));
+}
+
+#[test]
+fn raising_rcvlowat_above_unread_bytes_sends_credit_update() {
+    let mut host = Host::new();
+    let child = host.established(SocketType::Stream);
+    host.deliver(stream(Op::Rw), &[0u8; 1000]);
+    // Over 128 bytes, so a packet of its own rather than merged into the first.
+    host.deliver(stream(Op::Rw), &[0u8; 200]);
+    // Consuming the first packet frees credit silently: 200 bytes stay unread (>= SO_RCVLOWAT 1)
+    // and far more than 64 KiB is advertised free.
+    let lease = host.engine.recv(child, 1000).unwrap();
+    host.engine.commit_recv(child, lease);
+    assert!(host.sent().is_empty());
+    host.engine.set_rcvlowat(child, 150).unwrap();
+    assert!(host.sent().is_empty(), "200 unread bytes already reach the mark");
+    host.engine.set_rcvlowat(child, 300).unwrap();
+    let update = host.sent();
+    assert_eq!((update[0].repr.op, update[0].repr.fwd_cnt), (Op::CreditUpdate, 1000));
+    assert_eq!(host.engine.set_rcvlowat(child, 1 << 30), Err(OptionError::InvalidValue));
+}
+
+#[test]
+fn closing_a_listener_resets_connections_not_yet_accepted() {
+    let mut host = Host::new();
+    let listener = host.listener(SocketType::Stream, 8);
+    host.deliver(stream(Op::Request), &[]);
+    host.sent();
+    host.engine.close(host.now, listener);
+    let rst = host.sent();
+    assert_eq!(rst.len(), 1);
+    assert_eq!((rst[0].repr.op, rst[0].repr.dst), (Op::Rst, Addr::new(GUEST, GUEST_PORT)));
+    assert_eq!(host.engine.socket_count(), 0);
+}
+
+#[test]
+fn close_after_peer_shut_both_ways_is_an_immediate_rst() {
+    let mut host = Host::new();
+    let child = host.established(SocketType::Stream);
+    host.deliver(stream(Op::Rw), b"unread");
+    host.deliver(Repr { flags: 3, ..stream(Op::Shutdown) }, &[]);
+    assert!(host.sent().is_empty(), "unread data: no RST yet");
+    host.engine.close(host.now, child);
+    assert_eq!(host.ops(), [Op::Rst]);
+    assert_eq!(host.engine.socket_count(), 1, "only the listener is left");
+}
