@@ -41,6 +41,23 @@ fn run(command: &mut Command) -> Result<String> {
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
+/// [`run`] for commands that reach the package registry: a transient failure is tried again,
+/// three times in all, before it is reported.
+fn run_fetching(command: &mut Command) -> Result<String> {
+    let mut last = None;
+    for attempt in 1..=3 {
+        match run(command) {
+            Ok(out) => return Ok(out),
+            Err(error) => {
+                eprintln!("lab: attempt {attempt} failed: {error:#}");
+                last = Some(error);
+                std::thread::sleep(std::time::Duration::from_secs(2 * attempt));
+            }
+        }
+    }
+    Err(last.unwrap_or_else(|| anyhow::anyhow!("{command:?} failed")))
+}
+
 fn have(program: &str) -> bool {
     Command::new("sh")
         .arg("-c")
@@ -62,11 +79,13 @@ pub fn ensure_packages() -> Result<()> {
         return Ok(());
     }
     eprintln!("lab: installing {}", missing.join(" "));
-    run(Command::new("apt-get").arg("update").arg("-qq"))?;
-    run(Command::new("apt-get")
-        .args(["install", "-y", "-qq", "--no-install-recommends"])
-        .args(&missing)
-        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    run_fetching(Command::new("apt-get").arg("update").arg("-qq"))?;
+    run_fetching(
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )?;
     Ok(())
 }
 
@@ -100,7 +119,7 @@ pub fn newest_kernel_package() -> Result<String> {
     };
     let mut names = search()?;
     if names.is_empty() {
-        run(Command::new("apt-get").arg("update").arg("-qq"))?;
+        run_fetching(Command::new("apt-get").arg("update").arg("-qq"))?;
         names = search()?;
     }
     names
@@ -142,7 +161,7 @@ fn unpack_kernel(package: &str, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(&download)?;
     std::fs::create_dir_all(dir.join("modules"))?;
     eprintln!("lab: downloading {package}");
-    run(Command::new("apt-get").arg("download").arg(package).current_dir(&download))?;
+    run_fetching(Command::new("apt-get").arg("download").arg(package).current_dir(&download))?;
     let deb = std::fs::read_dir(&download)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| p.extension().is_some_and(|e| e == "deb"))
