@@ -10,7 +10,7 @@ use zerovsock_proto::{Completion, Interest, Readiness};
 use zerovsock_wire::{Addr, SocketType};
 
 use crate::sys;
-use crate::zerocopy::{Owner, Tracker};
+use crate::zerocopy::{Owner, SendKey, Tracker};
 
 /// How long `Drop` waits for outstanding zerocopy completions before leaking their buffers.
 pub const DEFAULT_LINGER: Duration = Duration::from_secs(2);
@@ -186,26 +186,40 @@ impl Inner {
     /// readiness meanwhile. Sends are serialised.
     pub(crate) fn send_zerocopy(&self, bufs: &[&[u8]], owners: Vec<Owner>) -> io::Result<usize> {
         let _serial = lock(&self.send_lock);
-        let enabled = self.zerocopy_enabled.load(Ordering::Relaxed);
-        let send = {
-            let mut tracker = lock(&self.zerocopy);
-            // Free whatever the kernel is done with before pinning more.
-            self.drain_completions(&mut tracker)?;
-            tracker.open(owners)
-        };
-        let pass = |flags: i32, rest: &[&[u8]]| -> io::Result<usize> {
-            let id = enabled.then(|| lock(&self.zerocopy).pass(send));
-            let result = sys::sendmsg(self.fd(), rest, libc::MSG_ZEROCOPY | flags);
-            if let (Some(id), Ok(0) | Err(_)) = (id, &result) {
-                lock(&self.zerocopy).unpass(send, id);
-            }
-            result
+        let send = self.open_send(owners)?;
+        let pass = |flags: i32, rest: &[&[u8]]| {
+            self.tracked_pass(send, || sys::sendmsg(self.fd(), rest, libc::MSG_ZEROCOPY | flags))
         };
         let result = match self.socket_type {
             SocketType::Stream => self.stream_passes(bufs, &pass),
             SocketType::Seqpacket => pass(0, bufs),
         };
         lock(&self.zerocopy).close(send);
+        result
+    }
+
+    /// Starts a tracked send pinning `owners`, after freeing what the kernel is done with.
+    /// The caller holds `send_lock`.
+    fn open_send(&self, owners: Vec<Owner>) -> io::Result<SendKey> {
+        let mut tracker = lock(&self.zerocopy);
+        self.drain_completions(&mut tracker)?;
+        Ok(tracker.open(owners))
+    }
+
+    /// One MSG_ZEROCOPY `sendmsg` of a tracked send. With SO_ZEROCOPY on, its id is recorded
+    /// before the call (so a completion is never matched before its id is known) and given back
+    /// if the call moved nothing; no lock is held while the call blocks.
+    fn tracked_pass(
+        &self,
+        send: SendKey,
+        call: impl FnOnce() -> io::Result<usize>,
+    ) -> io::Result<usize> {
+        let enabled = self.zerocopy_enabled.load(Ordering::Relaxed);
+        let id = enabled.then(|| lock(&self.zerocopy).pass(send));
+        let result = call();
+        if let (Some(id), Ok(0) | Err(_)) = (id, &result) {
+            lock(&self.zerocopy).unpass(send, id);
+        }
         result
     }
 
@@ -245,19 +259,17 @@ impl Inner {
         &self,
         ranges: &[(*const u8, usize)],
     ) -> io::Result<usize> {
-        let enabled = self.zerocopy_enabled.load(Ordering::Relaxed);
-        let mut tracker = lock(&self.zerocopy);
-        self.drain_completions(&mut tracker)?;
+        let _serial = lock(&self.send_lock);
+        let send = self.open_send(Vec::new())?;
         let flags = match self.socket_type {
             SocketType::Stream => libc::MSG_ZEROCOPY | libc::MSG_DONTWAIT,
             SocketType::Seqpacket => libc::MSG_ZEROCOPY,
         };
         // SAFETY: forwarded from the caller's contract.
-        let sent = unsafe { sys::sendmsg_raw(self.fd(), ranges, flags) }?;
-        if enabled && sent > 0 {
-            tracker.take_id();
-        }
-        Ok(sent)
+        let result =
+            self.tracked_pass(send, || unsafe { sys::sendmsg_raw(self.fd(), ranges, flags) });
+        lock(&self.zerocopy).close(send);
+        result
     }
 
     /// Waits until no buffer is pinned, or `timeout` passes. Returns whether all came back.

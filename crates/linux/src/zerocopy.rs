@@ -79,7 +79,7 @@ impl Tracker {
     }
 
     /// Records a send pass that moved bytes with SO_ZEROCOPY on: it took the next id.
-    pub(crate) fn take_id(&mut self) -> u32 {
+    fn take_id(&mut self) -> u32 {
         let id = self.next_id;
         self.next_id = self.next_id.wrapping_add(1);
         id
