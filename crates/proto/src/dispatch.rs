@@ -4,7 +4,8 @@
 use std::time::Instant;
 
 use zerovsock_wire::{
-    Op, Repr, SeqFlags, ShutdownFlags, SocketType, WireError, MAX_PACKET_PAYLOAD,
+    Addr, Cid, Header, Op, Port, Repr, SeqFlags, ShutdownFlags, SocketType, WireError,
+    MAX_PACKET_PAYLOAD,
 };
 
 use crate::engine::Engine;
@@ -76,7 +77,7 @@ impl Engine {
         match Repr::parse_bytes(header) {
             Ok(repr) => Ok(self.handle_packet(now, Packet::data(repr, payload))),
             Err(error) => {
-                if let Ok(view) = zerovsock_wire::Header::new_checked(header) {
+                if let Ok(view) = Header::new_checked(header) {
                     if view.op() != Op::Rst as u16 {
                         self.reset_malformed(&view);
                     }
@@ -86,22 +87,16 @@ impl Engine {
         }
     }
 
-    fn reset_malformed(&mut self, view: &zerovsock_wire::Header<&[u8]>) {
+    fn reset_malformed(&mut self, view: &Header<&[u8]>) {
         let (Ok(src), Ok(dst)) = (u32::try_from(view.src_cid()), u32::try_from(view.dst_cid()))
         else {
             return;
         };
-        if zerovsock_wire::Cid(dst) != self.config.local_cid {
+        if Cid(dst) != self.config.local_cid {
             return;
         }
-        let to = zerovsock_wire::Addr::new(
-            zerovsock_wire::Cid(src),
-            zerovsock_wire::Port(view.src_port()),
-        );
-        let from = zerovsock_wire::Addr::new(
-            zerovsock_wire::Cid(dst),
-            zerovsock_wire::Port(view.dst_port()),
-        );
+        let to = Addr::new(Cid(src), Port(view.src_port()));
+        let from = Addr::new(Cid(dst), Port(view.dst_port()));
         // An unknown type cannot be echoed in a typed header; STREAM is the type every peer knows.
         let rst = Repr::new(Op::Rst, SocketType::Stream, from, to);
         self.out.transmit.push_back(Packet::control(rst));
@@ -113,15 +108,13 @@ impl Engine {
             return Some(*id);
         }
         // Connected sockets may have been bound to CID ANY.
-        let any = zerovsock_wire::Addr::new(zerovsock_wire::Cid::ANY, repr.dst.port);
+        let any = Addr::new(Cid::ANY, repr.dst.port);
         if let Some(id) = self.connected.get(&(any, repr.src)) {
             return Some(*id);
         }
         let id = *self.bound.get(&repr.dst.port)?;
         let socket = self.sockets.get(&id)?;
-        let cid_ok = socket
-            .local
-            .is_some_and(|l| l.cid == zerovsock_wire::Cid::ANY || l.cid == repr.dst.cid);
+        let cid_ok = socket.local.is_some_and(|l| l.cid == Cid::ANY || l.cid == repr.dst.cid);
         // A bound socket that is not listening only takes packets from its own peer, and those
         // matched the connected table above (`vsock_check_source`).
         (cid_ok && socket.state == State::Listening).then_some(id)
