@@ -539,13 +539,100 @@ mod tests {
         );
     }
 
-    proptest! {
-        #[test]
-        fn any_44_bytes_parse_or_fail_cleanly(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
-            if let Ok(repr) = Repr::parse_bytes(&bytes) {
-                // A header that parses round-trips to the same bytes.
-                prop_assert_eq!(&repr.to_bytes()[..], &bytes[..HEADER_LEN]);
+    fn any_op() -> impl Strategy<Value = Op> {
+        (0u16..8).prop_map(|v| Op::from_u16(v).expect("0..8 are ops"))
+    }
+
+    fn any_repr() -> impl Strategy<Value = Repr> {
+        let addr = || (any::<u32>(), any::<u32>()).prop_map(|(c, p)| Addr::new(Cid(c), Port(p)));
+        let fields = (any::<u32>(), any::<bool>(), any::<u32>(), any::<u32>(), any::<u32>());
+        (addr(), addr(), any_op(), fields).prop_map(
+            |(src, dst, op, (len, seqpacket, flags, buf_alloc, fwd_cnt))| {
+                let socket_type =
+                    if seqpacket { SocketType::Seqpacket } else { SocketType::Stream };
+                Repr { src, dst, len, socket_type, op, flags, buf_alloc, fwd_cnt }
+            },
+        )
+    }
+
+    /// Runs `cases` generated cases of `strategy` through `check`, which says whether the case
+    /// reached the assertion it exists for; returns how many did.
+    fn run_counted<S: Strategy>(
+        strategy: S,
+        cases: u32,
+        check: impl FnMut(S::Value) -> Result<bool, TestCaseError>,
+    ) -> u32 {
+        let config =
+            ProptestConfig { cases, failure_persistence: None, ..ProptestConfig::default() };
+        let mut runner = proptest::test_runner::TestRunner::new(config);
+        let reached = std::cell::Cell::new(0u32);
+        let check = std::cell::RefCell::new(check);
+        let result = runner.run(&strategy, |value| {
+            if (check.borrow_mut())(value)? {
+                reached.set(reached.get() + 1);
             }
+            Ok(())
+        });
+        if let Err(failure) = result {
+            panic!("{failure}");
         }
+        reached.get()
+    }
+
+    #[test]
+    fn every_valid_header_round_trips() {
+        let reached = run_counted(any_repr(), 2000, |repr| {
+            let bytes = repr.to_bytes();
+            prop_assert_eq!(Repr::parse_bytes(&bytes), Ok(repr));
+            Ok(true)
+        });
+        assert_eq!(reached, 2000);
+    }
+
+    /// One byte of a valid header changed: the result either parses and round-trips to the
+    /// changed bytes, or names the field the change broke.
+    #[test]
+    fn a_mutated_header_parses_exactly_or_names_the_broken_field() {
+        let mutation = (any_repr(), 0..HEADER_LEN, any::<u8>());
+        let (mut parsed, mut refused) = (0, 0);
+        run_counted(mutation, 4000, |(repr, at, value)| {
+            let mut bytes = repr.to_bytes();
+            bytes[at] = value;
+            match Repr::parse_bytes(&bytes) {
+                Ok(again) => {
+                    prop_assert_eq!(again.to_bytes(), bytes);
+                    parsed += 1;
+                }
+                Err(error) => {
+                    let field = match error {
+                        WireError::CidOutOfRange(_) => 4..8usize,
+                        WireError::UnknownType(_) => 28..30,
+                        WireError::UnknownOp(_) => 30..32,
+                        WireError::Truncated { .. } => 0..0,
+                    };
+                    let dst_cid_high = 12..16;
+                    prop_assert!(
+                        field.contains(&at) || (field == (4..8) && dst_cid_high.contains(&at))
+                    );
+                    refused += 1;
+                }
+            }
+            Ok(true)
+        });
+        // Both outcomes must actually occur, or the property says nothing about one of them.
+        assert!(parsed > 1000 && refused > 100, "parsed {parsed}, refused {refused}");
+    }
+
+    #[test]
+    fn any_bytes_parse_or_fail_cleanly() {
+        let reached = run_counted(proptest::collection::vec(any::<u8>(), 0..64), 2000, |bytes| {
+            match Repr::parse_bytes(&bytes) {
+                Ok(repr) => prop_assert_eq!(&repr.to_bytes()[..], &bytes[..HEADER_LEN]),
+                Err(WireError::Truncated { len }) => prop_assert!(len < HEADER_LEN),
+                Err(_) => prop_assert!(bytes.len() >= HEADER_LEN),
+            }
+            Ok(true)
+        });
+        assert_eq!(reached, 2000);
     }
 }
