@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use zerovsock_wire::{
-    Addr, Cid, Header, Op, Port, Repr, SeqFlags, ShutdownFlags, SocketType, WireError,
+    Addr, Cid, Header, Op, Port, Repr, SeqFlags, ShutdownFlags, SocketType, WireError, HEADER_LEN,
     MAX_PACKET_PAYLOAD,
 };
 
@@ -46,12 +46,19 @@ impl Engine {
             return Disposition::Refused;
         };
         let Some(socket) = self.sockets.get_mut(&id) else { return Disposition::Dropped };
-        if socket.socket_type != repr.socket_type {
+        // A socket the peer already reset or closed (`SOCK_DONE`) wants nothing more from it.
+        if socket.socket_type != repr.socket_type || socket.done {
             self.out.reset_reply(&repr);
             return Disposition::Refused;
         }
         if socket.state != State::Listening {
+            // `virtio_transport_space_update`, then `sk_write_space` when there is room: any
+            // packet may carry credit, so a writer waiting for it is woken whatever the op.
+            let before = socket.credit.send_space();
             socket.credit.update_from_peer(repr.buf_alloc, repr.fwd_cnt);
+            if socket.credit.send_space() > before {
+                self.out.wake(id, socket);
+            }
         }
         match socket.state {
             State::Listening => self.on_listening(id, packet),
@@ -66,8 +73,9 @@ impl Engine {
     }
 
     /// Handles raw bytes of a header (for transports that carry bytes). A header that does not
-    /// parse is answered with RST when it is long enough to answer, as Linux does for an invalid
-    /// type; otherwise it is dropped.
+    /// parse is answered as Linux answers it: an unknown op goes to its socket like any packet
+    /// and is dropped by an established one (`virtio_transport_recv_connected`, `default:`);
+    /// anything else long enough to answer gets an RST, as an invalid type does.
     pub fn handle_bytes(
         &mut self,
         now: Instant,
@@ -78,12 +86,53 @@ impl Engine {
             Ok(repr) => Ok(self.handle_packet(now, Packet::data(repr, payload))),
             Err(error) => {
                 if let Ok(view) = Header::new_checked(header) {
-                    if view.op() != Op::Rst as u16 {
+                    if let WireError::UnknownOp(_) = error {
+                        self.handle_unknown_op(now, header, &view);
+                    } else if view.op() != Op::Rst as u16 {
                         self.reset_malformed(&view);
                     }
                 }
                 Err(error)
             }
+        }
+    }
+
+    /// A header that is valid but for its op: dispatched on the state of the socket it
+    /// reaches, as `virtio_transport_recv_pkt` does with ops it does not know.
+    fn handle_unknown_op(&mut self, now: Instant, header: &[u8], view: &Header<&[u8]>) {
+        // Parse it as if it were INVALID: every other field is checked as usual.
+        let mut bytes = [0u8; HEADER_LEN];
+        bytes.copy_from_slice(&header[..HEADER_LEN]);
+        bytes[30..32].copy_from_slice(&(Op::Invalid as u16).to_le_bytes());
+        let Ok(repr) = Repr::parse_bytes(&bytes) else {
+            self.reset_malformed(view);
+            return;
+        };
+        if self.poll_timeout().is_some_and(|deadline| deadline <= now) {
+            self.handle_timeout(now);
+        }
+        if repr.dst.cid != self.config.local_cid {
+            return;
+        }
+        let socket = self.lookup(&repr).and_then(|id| Some((id, self.sockets.get(&id)?)));
+        let Some((id, socket)) = socket.filter(|(_, s)| s.socket_type == repr.socket_type) else {
+            self.out.reset_reply(&repr);
+            return;
+        };
+        match socket.state {
+            State::Established | State::Closing if !socket.done => {}
+            State::Connecting => {
+                self.reset_socket(id);
+                self.fail_connect(id, SocketError::Protocol);
+            }
+            _ => self.out.reset_reply(&repr),
+        }
+    }
+
+    /// RST from `id` itself, stamped with its credit (`virtio_transport_reset`).
+    fn reset_socket(&mut self, id: SocketId) {
+        if let Some(socket) = self.sockets.get_mut(&id) {
+            self.out.send(socket, Op::Rst, 0, Payload::new());
         }
     }
 
@@ -189,7 +238,7 @@ impl Engine {
                 Disposition::Delivered
             }
             _ => {
-                self.out.reset_reply(repr);
+                self.reset_socket(id);
                 self.fail_connect(id, SocketError::Protocol);
                 Disposition::Violation
             }
@@ -270,7 +319,7 @@ impl Engine {
         if socket.peer_shutdown != ShutdownFlags::all() {
             return Disposition::Delivered;
         }
-        if !socket.has_unread() && !socket.done {
+        if !socket.has_unread_bytes() && !socket.done {
             self.out.send(socket, Op::Rst, 0, Payload::new());
             socket.mark_done();
         }

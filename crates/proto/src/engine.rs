@@ -87,7 +87,7 @@ impl SendGrant {
         self.len
     }
 
-    /// Whether the pass sends nothing (never true for a granted pass).
+    /// Whether the pass sends nothing (only for an empty message).
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
@@ -372,7 +372,8 @@ impl Engine {
                     self.remove(id);
                     return;
                 }
-                if socket.shutdown.is_empty() {
+                // `virtio_transport_close`: SHUTDOWN(RCV|SEND) unless both were already sent.
+                if socket.shutdown != ShutdownFlags::all() {
                     self.out.send(
                         socket,
                         Op::Shutdown,
@@ -449,6 +450,10 @@ impl Engine {
 
     /// Decides one transport send pass (`virtio_transport_send_pkt_info`, steps 1-4): reserves
     /// credit, and for a zerocopy pass takes the next completion id and decides COPIED.
+    ///
+    /// The checks come in `vsock_connectible_sendmsg`'s order (EPIPE, ENOTCONN, then
+    /// EOPNOTSUPP for MSG_ZEROCOPY). An empty message passes them and is granted zero bytes:
+    /// Linux's send loop never runs for it, so nothing goes on the wire and no id is taken.
     pub fn begin_send(
         &mut self,
         id: SocketId,
@@ -456,20 +461,25 @@ impl Engine {
     ) -> Result<SendGrant, SendError> {
         let config_zerocopy = self.config.zerocopy;
         let socket = socket_mut!(self, id, SendError::UnknownSocket);
-        if request.zerocopy && !config_zerocopy {
-            return Err(SendError::ZerocopyUnsupported);
-        }
         if let Some(error) = socket.send_blocked_by() {
             return Err(error);
         }
+        if request.zerocopy && !config_zerocopy {
+            return Err(SendError::ZerocopyUnsupported);
+        }
         let seqpacket = socket.socket_type == SocketType::Seqpacket;
+        let empty =
+            SendGrant { socket: id, len: 0, zerocopy: None, end_of_message: false, eor: false };
+        if request.remaining == 0 {
+            return Ok(empty);
+        }
         if seqpacket && request.fresh && request.remaining > socket.credit.message_limit() as usize
         {
             return Err(SendError::MessageTooLong);
         }
         let want = u32::try_from(request.remaining.min(request.max_pass)).unwrap_or(u32::MAX);
         let granted = socket.credit.reserve(want);
-        if granted == 0 && request.remaining > 0 {
+        if granted == 0 {
             return Err(SendError::WouldBlock);
         }
         let zerocopy = if request.zerocopy && socket.options.zerocopy {
@@ -483,11 +493,11 @@ impl Engine {
             None
         };
         Ok(SendGrant {
-            socket: id,
             len: granted as usize,
             zerocopy,
             end_of_message: seqpacket && granted as usize == request.remaining,
             eor: request.eor,
+            ..empty
         })
     }
 
@@ -518,7 +528,7 @@ impl Engine {
         };
         let pinned = grant.zerocopy.is_some_and(|pass| !pass.copied);
         let mut offset = 0;
-        while offset < grant.len || grant.len == 0 {
+        while offset < grant.len {
             let chunk = (grant.len - offset).min(MAX_PACKET_PAYLOAD as usize);
             let last = offset + chunk == grant.len;
             let mut flags = SeqFlags::empty();
@@ -531,9 +541,6 @@ impl Engine {
             let chunk_payload = payload.slice(offset, chunk);
             self.out.send_data(socket, Op::Rw, flags.bits(), chunk_payload, pinned);
             offset += chunk;
-            if grant.len == 0 {
-                break;
-            }
         }
         Ok(grant.len)
     }
@@ -591,7 +598,7 @@ impl Engine {
         if update && socket.state == State::Established && !socket.done {
             self.out.send(socket, Op::CreditUpdate, 0, Payload::new());
         }
-        if socket.done && !socket.has_unread() {
+        if socket.done && !socket.has_unread_bytes() {
             socket.state = State::Closing;
         }
         self.poll_completions();

@@ -18,8 +18,10 @@ use crate::packet::Payload;
 const GOOD_COPY_LEN: u32 = 128;
 /// What Linux charges per queued packet (`SKB_TRUESIZE(0)` on x86-64); bounds the queue length.
 pub(crate) const PACKET_OVERHEAD: u32 = 576;
-/// Collapsed packets are at most this large.
-const COLLAPSE_LIMIT: usize = 64 * 1024;
+/// Packets this large are never collapsed, and collapsed packets stay below it
+/// (`MAX_COLLAPSE_LEN` = `SKB_MAX_ORDER(44, 3)`: 32 KiB less the 44-byte header and the
+/// 320-byte `skb_shared_info` on x86-64).
+const COLLAPSE_LIMIT: u32 = 32 * 1024 - 44 - 320;
 /// A small packet is copied onto the tail only while the tail stays this small, so that
 /// appending never copies much.
 const SMALL_TAIL_LIMIT: usize = 4096;
@@ -39,6 +41,48 @@ struct RxPacket {
 impl RxPacket {
     fn unread(&self) -> u32 {
         self.len - self.read
+    }
+}
+
+/// A linear packet being filled by [`RxQueue::collapse`].
+struct Collapsed {
+    bytes: Vec<u8>,
+    size: u32,
+    len: u32,
+    flags: SeqFlags,
+}
+
+impl Collapsed {
+    fn with_size(size: u32) -> Collapsed {
+        Collapsed {
+            bytes: Vec::with_capacity(size as usize),
+            size,
+            len: 0,
+            flags: SeqFlags::empty(),
+        }
+    }
+
+    fn room(&self) -> u32 {
+        self.size - self.len
+    }
+
+    /// Copies an untouched packet in; its buffers are dropped with it by the caller.
+    fn take(&mut self, packet: &RxPacket) {
+        for segment in packet.data.segments() {
+            self.bytes.extend_from_slice(segment);
+        }
+        self.len += packet.len;
+        self.flags |= packet.flags;
+    }
+
+    fn finish(self) -> RxPacket {
+        RxPacket {
+            data: Payload::from(self.bytes),
+            pinned: false,
+            len: self.len,
+            read: 0,
+            flags: self.flags,
+        }
     }
 }
 
@@ -112,7 +156,9 @@ impl RxQueue {
         self.messages > 0
     }
 
-    /// Queues a packet, charging it to `credit`; refuses it if the peer overran its credit.
+    /// Queues a packet, charging it to `credit`; refuses it if the peer overran its credit or
+    /// the queue its length bound (`virtio_transport_recv_enqueue`, in Linux's order: collapse
+    /// when the queue is at its bound, check credit and length, then merge or append).
     pub(crate) fn enqueue(
         &mut self,
         credit: &mut Credit,
@@ -121,31 +167,27 @@ impl RxQueue {
         pinned: bool,
     ) -> Result<(), Overrun> {
         let len = u32::try_from(data.len()).map_err(|_| Overrun)?;
-        if !credit.can_queue(len) {
+        let queue_max = (credit.buf_alloc / PACKET_OVERHEAD) as usize;
+        if self.packets.len() >= queue_max {
+            // Room for this packet and the next one.
+            self.collapse(self.packets.len() + 2 - queue_max);
+        }
+        // `virtio_transport_inc_rx_pkt`.
+        let overhead = (self.packets.len() as u64 + 1) * u64::from(PACKET_OVERHEAD);
+        if !credit.can_queue(len) || overhead > u64::from(credit.buf_alloc) {
             return Err(Overrun);
         }
-        let small = len <= GOOD_COPY_LEN && !pinned;
-        if small && self.append_to_tail(&data, flags) {
-            credit.on_queued(len);
-            return Ok(());
-        }
-        if self.too_long(credit.buf_alloc) {
-            self.collapse();
-            if self.too_long(credit.buf_alloc) {
-                return Err(Overrun);
-            }
-        }
+        credit.on_queued(len);
         if flags.contains(SeqFlags::EOM) {
             self.messages += 1;
         }
+        let small = len <= GOOD_COPY_LEN && !pinned;
+        if small && self.append_to_tail(&data, flags) {
+            return Ok(());
+        }
         let data = if small { linear(&data) } else { data };
         self.packets.push_back(RxPacket { data, pinned, len, read: 0, flags });
-        credit.on_queued(len);
         Ok(())
-    }
-
-    fn too_long(&self, buf_alloc: u32) -> bool {
-        (self.packets.len() as u64 + 1) * u64::from(PACKET_OVERHEAD) > u64::from(buf_alloc)
     }
 
     /// Small packets are copied onto the tail when it is not a message end (Linux's
@@ -164,36 +206,70 @@ impl RxQueue {
         tail.data = Payload::from_bytes(merged.freeze());
         tail.len += data.len() as u32;
         tail.flags |= flags;
-        if flags.contains(SeqFlags::EOM) {
-            self.messages += 1;
-        }
         true
     }
 
-    /// Merges runs of untouched packets (Linux's `virtio_transport_collapse_rx_queue`), so that
-    /// many mid-sized packets cannot exhaust the per-packet budget while credit remains.
-    fn collapse(&mut self) {
-        let mut out: VecDeque<RxPacket> = VecDeque::with_capacity(self.packets.len());
-        for packet in self.packets.drain(..) {
-            if let Some(tail) = out.back_mut() {
-                let fits = tail.data.len() + packet.data.len() <= COLLAPSE_LIMIT;
-                if fits
-                    && !tail.pinned
-                    && !packet.pinned
-                    && tail.read == 0
-                    && packet.read == 0
-                    && !tail.flags.contains(SeqFlags::EOM)
-                {
-                    let mut merged = tail.data.to_vec();
-                    merged.extend_from_slice(&packet.data.to_vec());
-                    tail.data = Payload::from(merged);
-                    tail.len += packet.len;
-                    tail.flags |= packet.flags;
-                    continue;
-                }
+    /// `virtio_transport_can_collapse`: untouched, not a message end, not already large.
+    /// Pinned packets (a zerocopy sender's memory) are collapsed too: the copy is what Linux
+    /// makes of a non-linear skb, and dropping the original completes the sender's pass.
+    fn can_collapse(packet: &RxPacket) -> bool {
+        packet.read == 0 && !packet.flags.contains(SeqFlags::EOM) && packet.len < COLLAPSE_LIMIT
+    }
+
+    /// `virtio_transport_collapse_size`: bytes of the run of collapsible packets starting with
+    /// `first` (whose followers are at the front of the queue) that fit one collapsed packet.
+    fn collapse_size(&self, first: &RxPacket) -> u32 {
+        let mut target = first.len;
+        for packet in self.packets.iter().take_while(|p| RxQueue::can_collapse(p)) {
+            if packet.len > COLLAPSE_LIMIT - target {
+                break;
             }
-            out.push_back(packet);
+            target += packet.len;
         }
+        target
+    }
+
+    /// Copies runs of collapsible packets into fewer linear ones until at least `min_to_free`
+    /// entries are saved, filling each new packet to capacity
+    /// (`virtio_transport_collapse_rx_queue`).
+    fn collapse(&mut self, min_to_free: usize) {
+        let mut out: VecDeque<RxPacket> = VecDeque::with_capacity(self.packets.len());
+        let mut pending: Option<Collapsed> = None;
+        // Entries removed so far, less the collapsed ones that replace them.
+        let mut saved = 0usize;
+        while let Some(packet) = self.packets.pop_front() {
+            if !RxQueue::can_collapse(&packet) {
+                if let Some(done) = pending.take() {
+                    out.push_back(done.finish());
+                    saved -= 1;
+                }
+                out.push_back(packet);
+                continue;
+            }
+            if pending.as_ref().is_some_and(|p| packet.len > p.room()) {
+                out.extend(pending.take().map(Collapsed::finish));
+                saved -= 1;
+            }
+            let collapsed = match pending.as_mut() {
+                Some(collapsed) => collapsed,
+                None => {
+                    if saved >= min_to_free {
+                        self.packets.push_front(packet);
+                        break;
+                    }
+                    let size = self.collapse_size(&packet);
+                    if size <= packet.len {
+                        out.push_back(packet);
+                        continue;
+                    }
+                    pending.insert(Collapsed::with_size(size))
+                }
+            };
+            collapsed.take(&packet);
+            saved += 1;
+        }
+        out.extend(pending.map(Collapsed::finish));
+        out.append(&mut self.packets);
         self.packets = out;
     }
 
@@ -346,6 +422,51 @@ mod tests {
         assert!(queue.packets.len() < 455);
         assert_eq!(stream_read(&mut queue, &mut credit, usize::MAX).len(), 1500 * 129);
         assert_eq!(credit.fwd_cnt, 1500 * 129);
+    }
+
+    fn push(queue: &mut RxQueue, credit: &mut Credit, byte: u8, len: usize, flags: SeqFlags) {
+        queue.enqueue(credit, Payload::from(vec![byte; len]), flags, false).unwrap();
+    }
+
+    #[test]
+    fn collapse_keeps_partly_read_packets_and_message_ends_in_place() {
+        let (mut queue, mut credit) = (RxQueue::default(), Credit::new(4 * PACKET_OVERHEAD));
+        for (byte, flags) in [(1, SeqFlags::empty()), (2, SeqFlags::EOM), (3, SeqFlags::empty())] {
+            push(&mut queue, &mut credit, byte, 200, flags);
+        }
+        let lease = queue.lease_stream(10);
+        assert!(queue.commit(&mut credit, &lease));
+        push(&mut queue, &mut credit, 4, 200, SeqFlags::empty());
+        // Four entries is the bound: the fifth packet makes the queue collapse first, and only
+        // the last two packets are a collapsible run.
+        push(&mut queue, &mut credit, 5, 200, SeqFlags::empty());
+        let shape: Vec<(u32, u32)> = queue.packets.iter().map(|p| (p.len, p.read)).collect();
+        assert_eq!(shape, [(200, 10), (200, 0), (400, 0), (200, 0)]);
+        let data = stream_read(&mut queue, &mut credit, usize::MAX);
+        let expected: Vec<u8> = [(1u8, 190), (2, 200), (3, 200), (4, 200), (5, 200)]
+            .iter()
+            .flat_map(|&(b, n)| vec![b; n])
+            .collect();
+        assert_eq!(data, expected);
+    }
+
+    #[test]
+    fn collapse_leaves_large_packets_alone_and_stops_once_enough_is_saved() {
+        let (mut queue, mut credit) = (RxQueue::default(), credit());
+        for _ in 0..5 {
+            push(&mut queue, &mut credit, 1, COLLAPSE_LIMIT as usize, SeqFlags::empty());
+        }
+        let queue_max = (credit.buf_alloc / PACKET_OVERHEAD) as usize;
+        while queue.packets.len() < queue_max {
+            push(&mut queue, &mut credit, 2, 129, SeqFlags::empty());
+        }
+        push(&mut queue, &mut credit, 3, 129, SeqFlags::empty());
+        let large = queue.packets.iter().filter(|p| p.len == COLLAPSE_LIMIT).count();
+        assert_eq!(large, 5);
+        // One collapsed packet holds as many 129-byte packets as fit; that saves enough.
+        let per_collapsed = (COLLAPSE_LIMIT / 129) as usize;
+        assert_eq!(queue.packets.len(), queue_max - per_collapsed + 1 + 1);
+        assert_eq!(queue.packets[5].len, per_collapsed as u32 * 129);
     }
 
     #[test]

@@ -62,10 +62,10 @@ impl Options {
         }
     }
 
-    /// `vsock_update_buffer_size`: clamp into `[min, max]` and into the wire's `u32`.
+    /// `vsock_update_buffer_size`: raise to `min`, then lower to `max` (so with `min > max`,
+    /// `max` wins), then into the wire's `u32` (`virtio_transport_notify_buffer_size`).
     pub(crate) fn clamp_buffer_size(&mut self) -> u32 {
-        self.buffer_size =
-            self.buffer_size.clamp(self.buffer_min, self.buffer_max.max(self.buffer_min));
+        self.buffer_size = self.buffer_size.max(self.buffer_min).min(self.buffer_max);
         self.buffer_size = self.buffer_size.min(MAX_BUFFER_SIZE);
         u32::try_from(self.buffer_size).unwrap_or(u32::MAX)
     }
@@ -156,11 +156,17 @@ impl Socket {
         None
     }
 
+    /// `vsock_stream_has_data`: unread bytes, whole messages or not. Linux asks this (not
+    /// whether a whole message is queued) when it decides to reset or close.
+    pub(crate) fn has_unread_bytes(&self) -> bool {
+        self.credit.rx_bytes > 0
+    }
+
     /// `virtio_transport_do_close`: the peer is gone.
     pub(crate) fn mark_done(&mut self) {
         self.done = true;
         self.peer_shutdown = ShutdownFlags::all();
-        if !self.has_unread() {
+        if !self.has_unread_bytes() {
             self.state = State::Closing;
         }
     }

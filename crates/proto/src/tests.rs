@@ -593,3 +593,196 @@ fn close_after_peer_shut_both_ways_is_an_immediate_rst() {
     assert_eq!(host.ops(), [Op::Rst]);
     assert_eq!(host.engine.socket_count(), 1, "only the listener is left");
 }
+
+fn guest_bytes(repr: Repr, op: u16) -> [u8; zerovsock_wire::HEADER_LEN] {
+    let mut bytes = repr.to_bytes();
+    bytes[30..32].copy_from_slice(&op.to_le_bytes());
+    bytes
+}
+
+#[test]
+fn close_after_shut_wr_still_sends_shutdown_with_both_flags() {
+    let mut host = Host::new();
+    let child = host.established(SocketType::Stream);
+    host.engine.shutdown(child, ShutdownFlags::SEND).unwrap();
+    assert_eq!(host.sent()[0].repr.shutdown_flags(), ShutdownFlags::SEND);
+    host.engine.close(host.now, child);
+    let sent = host.sent();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(
+        (sent[0].repr.op, sent[0].repr.shutdown_flags()),
+        (Op::Shutdown, ShutdownFlags::all())
+    );
+}
+
+#[test]
+fn close_after_shutdown_both_ways_sends_no_second_shutdown() {
+    let mut host = Host::new();
+    let child = host.established(SocketType::Stream);
+    host.engine.shutdown(child, ShutdownFlags::all()).unwrap();
+    host.sent();
+    host.engine.close(host.now, child);
+    assert!(host.sent().is_empty());
+}
+
+#[test]
+fn zero_length_seqpacket_send_puts_nothing_on_the_wire_and_takes_no_id() {
+    let mut host = Host::new();
+    let child = host.established(SocketType::Seqpacket);
+    host.engine.set_zerocopy(child, true).unwrap();
+    let grant = host.send(child, b"", true).unwrap();
+    assert_eq!((grant.len(), grant.completion_id()), (0, None));
+    assert_eq!(host.engine.finish_send(grant, Payload::new()), Ok(0));
+    assert!(host.sent().is_empty());
+    assert_eq!(host.engine.next_completion_id(child), Some(0));
+}
+
+#[test]
+fn zero_length_send_still_reports_broken_pipe() {
+    let mut host = Host::new();
+    let child = host.established(SocketType::Seqpacket);
+    host.engine.shutdown(child, ShutdownFlags::SEND).unwrap();
+    assert_eq!(host.send(child, b"", false), Err(SendError::BrokenPipe));
+}
+
+/// Drains the wake-ups the engine has queued.
+fn woken(host: &mut Host) -> Vec<SocketId> {
+    std::iter::from_fn(|| host.engine.poll_wakeup()).collect()
+}
+
+#[test]
+fn credit_carried_by_any_packet_wakes_the_writer() {
+    for carrier in [Op::CreditRequest, Op::Rw, Op::Shutdown] {
+        let mut host = Host::new();
+        let child = host.established(SocketType::Stream);
+        host.deliver(Repr { buf_alloc: 100, ..stream(Op::CreditUpdate) }, &[]);
+        let grant = host.send(child, &[0u8; 100], false).unwrap();
+        host.engine.finish_send(grant, Payload::from(vec![0u8; 100])).unwrap();
+        host.sent();
+        woken(&mut host);
+        assert_eq!(host.engine.send_space(child), 0);
+        host.deliver(Repr { buf_alloc: 100, fwd_cnt: 100, ..stream(carrier) }, &[]);
+        assert_eq!(host.engine.send_space(child), 100);
+        assert_eq!(woken(&mut host), [child], "{carrier:?} carried credit");
+    }
+}
+
+#[test]
+fn packet_without_new_credit_does_not_wake_the_writer() {
+    let mut host = Host::new();
+    let child = host.established(SocketType::Stream);
+    woken(&mut host);
+    host.deliver(stream(Op::CreditRequest), &[]);
+    assert!(woken(&mut host).is_empty());
+    assert!(host.engine.readiness(child).writable);
+}
+
+#[test]
+fn packet_for_a_socket_the_peer_reset_is_answered_with_rst() {
+    for unread in [false, true] {
+        let mut host = Host::new();
+        let child = host.established(SocketType::Stream);
+        if unread {
+            host.deliver(stream(Op::Rw), b"unread");
+        }
+        host.deliver(stream(Op::Rst), &[]);
+        assert!(host.sent().is_empty());
+        assert_eq!(host.deliver(stream(Op::Request), &[]), Disposition::Refused);
+        let sent = host.sent();
+        assert_eq!(sent.len(), 1, "unread: {unread}");
+        assert_eq!((sent[0].repr.op, sent[0].repr.dst), (Op::Rst, Addr::new(GUEST, GUEST_PORT)));
+        assert_eq!((sent[0].repr.buf_alloc, sent[0].repr.fwd_cnt), (0, 0), "as reset_no_sock");
+        assert_eq!(host.engine.unread_bytes(child), if unread { 6 } else { 0 });
+    }
+}
+
+#[test]
+fn unknown_op_on_an_established_connection_is_dropped() {
+    let mut host = Host::new();
+    let child = host.established(SocketType::Stream);
+    let bytes = guest_bytes(stream(Op::Rw), 99);
+    let result = host.engine.handle_bytes(host.now, &bytes, Payload::new());
+    assert_eq!(result, Err(zerovsock_wire::WireError::UnknownOp(99)));
+    assert!(host.sent().is_empty());
+    assert_eq!(host.engine.state(child), Some(State::Established));
+    host.deliver(stream(Op::Rw), b"still here");
+    assert_eq!(host.engine.unread_bytes(child), 10);
+}
+
+#[test]
+fn unknown_op_while_connecting_is_reset_as_a_protocol_error() {
+    let mut host = Host::new();
+    let id = connecting(&mut host);
+    let request = host.sent().remove(0);
+    let bytes = guest_bytes(reply_to(&request, Op::Response), 99);
+    assert!(host.engine.handle_bytes(host.now, &bytes, Payload::new()).is_err());
+    assert_eq!(host.ops(), [Op::Rst]);
+    assert_eq!(host.engine.connect_result(id), Err(ConnectError::Failed(SocketError::Protocol)));
+}
+
+#[test]
+fn unknown_op_to_a_listener_or_nobody_is_reset() {
+    let mut host = Host::new();
+    let bytes = guest_bytes(stream(Op::Request), 99);
+    assert!(host.engine.handle_bytes(host.now, &bytes, Payload::new()).is_err());
+    assert_eq!(host.ops(), [Op::Rst]);
+    host.listener(SocketType::Stream, 8);
+    assert!(host.engine.handle_bytes(host.now, &bytes, Payload::new()).is_err());
+    assert_eq!(host.ops(), [Op::Rst]);
+}
+
+#[test]
+fn buffer_max_wins_over_min_as_linux_applies_min_then_max() {
+    let mut host = Host::new();
+    let id = host.engine.open(SocketType::Stream).unwrap();
+    host.engine.set_buffer_min_size(id, 1000).unwrap();
+    assert_eq!(host.engine.set_buffer_max_size(id, 500), Ok(500));
+    assert_eq!(host.engine.set_buffer_min_size(id, 2000), Ok(500));
+    assert_eq!(host.engine.set_buffer_size(id, 100_000), Ok(500));
+}
+
+#[test]
+fn peer_full_shutdown_with_an_incomplete_message_queued_is_not_reset() {
+    let mut host = Host::new();
+    let child = host.established(SocketType::Seqpacket);
+    host.deliver(guest(Op::Rw, SocketType::Seqpacket), b"no end of message yet");
+    host.deliver(Repr { flags: 3, ..guest(Op::Shutdown, SocketType::Seqpacket) }, &[]);
+    assert!(host.sent().is_empty(), "rx_bytes > 0: Linux sends no RST");
+    assert_eq!(host.engine.unread_bytes(child), 21);
+}
+
+#[test]
+fn pinned_packets_are_collapsed_by_copying_instead_of_resetting() {
+    let mut host = Host::new();
+    let child = host.established(SocketType::Stream);
+    host.engine.set_buffer_size(child, 64 * 1024).unwrap();
+    host.sent();
+    let sink = std::sync::Arc::new(());
+    for i in 0..120u8 {
+        let owner = sink.clone();
+        let data = Bytes::from_owner(PinnedBytes(vec![i; 100], owner));
+        let packet = Packet { pinned: true, ..Packet::data(stream(Op::Rw), Payload::from(data)) };
+        assert_eq!(
+            host.engine.handle_packet(host.now, packet),
+            Disposition::Delivered,
+            "packet {i}"
+        );
+    }
+    assert!(host.sent().is_empty());
+    // Collapsing copied the first packets and dropped the sender's buffers (their completions).
+    assert!(std::sync::Arc::strong_count(&sink) < 100, "{}", std::sync::Arc::strong_count(&sink));
+    let lease = host.engine.recv(child, 64 * 1024).unwrap();
+    let expected: Vec<u8> = (0..120u8).flat_map(|i| [i; 100]).collect();
+    assert_eq!(lease.payload().to_vec(), expected);
+    host.engine.commit_recv(child, lease);
+    assert_eq!(std::sync::Arc::strong_count(&sink), 1);
+}
+
+/// A sender's buffer whose lifetime a test can observe.
+struct PinnedBytes(Vec<u8>, #[allow(dead_code)] std::sync::Arc<()>);
+
+impl AsRef<[u8]> for PinnedBytes {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
