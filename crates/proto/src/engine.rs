@@ -547,7 +547,22 @@ impl Engine {
 
     /// Describes what a read of up to `max` bytes returns, without consuming it. An empty lease
     /// is end of stream. Commit it with [`Engine::commit_recv`] unless peeking.
+    ///
+    /// A zero-length read consumes nothing and never waits (`__vsock_connectible_recvmsg`):
+    /// an empty lease on a connected (or peer-closed) socket, ENOTCONN otherwise.
     pub fn recv(&mut self, id: SocketId, max: usize) -> Result<RecvLease, RecvError> {
+        self.recv_at_least(id, 1, max)
+    }
+
+    /// STREAM: [`Engine::recv`] that waits (`WouldBlock`) until `min` bytes are queued, unless
+    /// no more can come (end of stream, an error, a shutdown), when it hands out what there is.
+    /// This is readability under SO_RCVLOWAT, for callers that read once per wake-up.
+    pub fn recv_at_least(
+        &mut self,
+        id: SocketId,
+        min: usize,
+        max: usize,
+    ) -> Result<RecvLease, RecvError> {
         let socket = socket_mut!(self, id, RecvError::UnknownSocket);
         let end_of_stream = RecvLease {
             data: Payload::new(),
@@ -557,11 +572,24 @@ impl Engine {
             position: 0,
             message: false,
         };
+        if max == 0 {
+            return match socket.state {
+                State::Established | State::Closing => Ok(end_of_stream),
+                _ if socket.done => Ok(end_of_stream),
+                _ => Err(RecvError::NotConnected),
+            };
+        }
         if socket.shutdown.contains(ShutdownFlags::RECEIVE) {
             return Ok(end_of_stream);
         }
+        let ending = socket.error.is_some()
+            || socket.done
+            || socket.peer_shutdown.contains(ShutdownFlags::SEND);
         let lease = match socket.socket_type {
-            SocketType::Stream => Some(socket.rx.lease_stream(max)).filter(|l| !l.is_empty()),
+            SocketType::Stream if ending || socket.credit.rx_bytes as usize >= min.min(max) => {
+                Some(socket.rx.lease_stream(max)).filter(|l| !l.is_empty())
+            }
+            SocketType::Stream => None,
             SocketType::Seqpacket => socket.rx.lease_message(max),
         };
         if let Some(lease) = lease {
@@ -577,6 +605,18 @@ impl Engine {
             State::Established => Err(RecvError::WouldBlock),
             _ => Err(RecvError::NotConnected),
         }
+    }
+
+    /// How many bytes a blocking STREAM read of `len` bytes gathers before it returns
+    /// (`sock_rcvlowat`: SO_RCVLOWAT, at most `len`, at least 1). ENOMEM when that is not below
+    /// the buffer size, as `__vsock_stream_recvmsg` refuses a target the queue can never hold.
+    pub fn recv_target(&self, id: SocketId, len: usize) -> Result<usize, RecvError> {
+        let socket = socket_ref!(self, id, RecvError::UnknownSocket);
+        let target = (socket.options.rcvlowat as usize).min(len).max(1);
+        if target as u64 >= u64::from(socket.credit.buf_alloc) {
+            return Err(RecvError::TargetExceedsBuffer);
+        }
+        Ok(target)
     }
 
     /// Consumes a lease from [`Engine::recv`] and sends CREDIT_UPDATE where Linux would.

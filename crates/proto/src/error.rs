@@ -151,6 +151,10 @@ pub enum RecvError {
     /// The socket is not connected (ENOTCONN).
     #[error("socket is not connected")]
     NotConnected,
+    /// SO_RCVLOWAT asks for at least the whole receive buffer, which can never be queued
+    /// (ENOMEM).
+    #[error("SO_RCVLOWAT is not below the receive buffer size")]
+    TargetExceedsBuffer,
     /// The connection failed.
     #[error(transparent)]
     Failed(#[from] SocketError),

@@ -7,8 +7,9 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
+use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -64,17 +65,16 @@ impl Default for Waiter {
 }
 
 impl Waiter {
-    fn wake(&self) {
+    /// Wakes blocked threads now, and moves waiting tasks to `deferred`: a task's waker may
+    /// call back into the stack (an executor that polls inline, a task that drops a socket),
+    /// so tasks are woken only once the engine lock is released.
+    fn wake(&self, deferred: &mut Vec<Waker>) {
         self.generation.fetch_add(1, Ordering::Release);
         if self.sleepers.load(Ordering::Relaxed) > 0 {
             self.ready.notify_all();
         }
         if self.has_tasks.swap(false, Ordering::AcqRel) {
-            let tasks =
-                std::mem::take(&mut *self.tasks.lock().unwrap_or_else(PoisonError::into_inner));
-            for task in tasks {
-                task.wake();
-            }
+            deferred.append(&mut self.tasks.lock().unwrap_or_else(PoisonError::into_inner));
         }
     }
 
@@ -113,6 +113,8 @@ pub(crate) struct Core {
     transport: Box<dyn Transport>,
     waiters: HashMap<SocketId, Arc<Waiter>>,
     inbound: VecDeque<Packet>,
+    /// Task wakers to call once the lock is released (see [`Locked`]).
+    deferred: Vec<Waker>,
 }
 
 impl Core {
@@ -134,7 +136,7 @@ impl Core {
         }
         while let Some(id) = self.engine.poll_wakeup() {
             if let Some(waiter) = self.waiters.get(&id) {
-                waiter.wake();
+                waiter.wake(&mut self.deferred);
             }
         }
     }
@@ -156,7 +158,66 @@ pub(crate) struct Shared {
     pool: Arc<BufferPool>,
 }
 
-pub(crate) type CoreGuard<'a> = MutexGuard<'a, Core>;
+/// The engine lock. Dropping it releases the lock first, then wakes the tasks the locked
+/// steps made ready, so no waker ever runs with the engine locked.
+pub(crate) struct Locked<'a> {
+    mutex: &'a Mutex<Core>,
+    guard: Option<MutexGuard<'a, Core>>,
+}
+
+impl<'a> Locked<'a> {
+    fn inner(&mut self) -> &mut MutexGuard<'a, Core> {
+        // Only `wait_on` takes the guard out, and it puts it back before returning.
+        self.guard.as_mut().expect("the engine lock is held")
+    }
+
+    /// Waits on `condvar` (which releases the lock while waiting), after waking deferred tasks.
+    fn wait_on(mut self, condvar: &Condvar, timeout: Option<Duration>) -> Self {
+        self.wake_deferred_unlocked();
+        let guard = self.guard.take().expect("the engine lock is held");
+        let guard = match timeout {
+            Some(timeout) => {
+                condvar.wait_timeout(guard, timeout).unwrap_or_else(PoisonError::into_inner).0
+            }
+            None => condvar.wait(guard).unwrap_or_else(PoisonError::into_inner),
+        };
+        Locked { mutex: self.mutex, guard: Some(guard) }
+    }
+
+    /// Wakes deferred tasks with the lock released for the moment, then takes it again.
+    fn wake_deferred_unlocked(&mut self) {
+        if self.inner().deferred.is_empty() {
+            return;
+        }
+        let tasks = std::mem::take(&mut self.inner().deferred);
+        drop(self.guard.take());
+        tasks.into_iter().for_each(Waker::wake);
+        self.guard = Some(self.mutex.lock().unwrap_or_else(PoisonError::into_inner));
+    }
+}
+
+impl Deref for Locked<'_> {
+    type Target = Core;
+
+    fn deref(&self) -> &Core {
+        self.guard.as_ref().expect("the engine lock is held")
+    }
+}
+
+impl DerefMut for Locked<'_> {
+    fn deref_mut(&mut self) -> &mut Core {
+        self.inner()
+    }
+}
+
+impl Drop for Locked<'_> {
+    fn drop(&mut self) {
+        let Some(mut guard) = self.guard.take() else { return };
+        let tasks = std::mem::take(&mut guard.deferred);
+        drop(guard);
+        tasks.into_iter().for_each(Waker::wake);
+    }
+}
 
 impl Shared {
     pub(crate) fn new(
@@ -164,27 +225,30 @@ impl Shared {
         tune: impl FnOnce(&mut EngineConfig),
     ) -> Arc<Shared> {
         let mut config = EngineConfig::new(transport.local_cid());
+        tune(&mut config);
+        config.local_cid = transport.local_cid();
         config.zerocopy = transport.supports_zerocopy();
         config.seqpacket = transport.supports_seqpacket();
-        tune(&mut config);
         let core = Core {
             engine: Engine::new(config),
             transport,
             waiters: HashMap::new(),
             inbound: VecDeque::new(),
+            deferred: Vec::new(),
         };
         let shared = Arc::new(Shared {
             core: Mutex::new(core),
             clock: Condvar::new(),
             pool: Arc::default(),
         });
-        spawn_clock(Arc::downgrade(&shared));
+        spawn_clock(&shared);
         shared
     }
 
-    pub(crate) fn lock(&self) -> CoreGuard<'_> {
+    pub(crate) fn lock(&self) -> Locked<'_> {
         // The engine is left consistent between calls; a panic elsewhere does not poison it.
-        self.core.lock().unwrap_or_else(PoisonError::into_inner)
+        let guard = self.core.lock().unwrap_or_else(PoisonError::into_inner);
+        Locked { mutex: &self.core, guard: Some(guard) }
     }
 
     /// Runs one engine step and pumps.
@@ -227,12 +291,12 @@ impl Shared {
             match self.step(&mut core, now, &mut attempt) {
                 Ok(Some(value)) => return Ok(value),
                 Err(error) => return Err(error),
-                Ok(None) if nonblocking => return Err(io::ErrorKind::WouldBlock.into()),
+                Ok(None) if nonblocking => return Err(io::Error::from_raw_os_error(libc::EAGAIN)),
                 Ok(None) => {}
             }
             let mut wait_for = deadline.map(|d| d.saturating_duration_since(now));
             if wait_for == Some(Duration::ZERO) {
-                return Err(io::ErrorKind::WouldBlock.into());
+                return Err(io::Error::from_raw_os_error(libc::EAGAIN));
             }
             let seen = waiter.generation.load(Ordering::Acquire);
             drop(core);
@@ -251,16 +315,7 @@ impl Shared {
                 wait_for = Some(wait_for.map_or(until_timer, |w| w.min(until_timer)));
             }
             waiter.sleepers.fetch_add(1, Ordering::Relaxed);
-            core = match wait_for {
-                Some(duration) => {
-                    waiter
-                        .ready
-                        .wait_timeout(core, duration)
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .0
-                }
-                None => waiter.ready.wait(core).unwrap_or_else(PoisonError::into_inner),
-            };
+            core = core.wait_on(&waiter.ready, wait_for);
             waiter.sleepers.fetch_sub(1, Ordering::Relaxed);
             waiter.learn(started.elapsed());
         }
@@ -275,10 +330,12 @@ impl Shared {
         cx: &mut Context<'_>,
         attempt: impl FnOnce(&mut Engine, Instant) -> io::Result<Option<T>>,
     ) -> Poll<io::Result<T>> {
-        match self.step(&mut self.lock(), Instant::now(), attempt) {
+        let mut core = self.lock();
+        match self.step(&mut core, Instant::now(), attempt) {
             Ok(Some(value)) => Poll::Ready(Ok(value)),
             Err(error) => Poll::Ready(Err(error)),
             Ok(None) => {
+                // Still under the lock, so the event that makes the attempt succeed comes after.
                 waiter.register(cx.waker());
                 Poll::Pending
             }
@@ -306,19 +363,29 @@ fn spin(waiter: &Waiter, seen: u64, limit: Duration) -> bool {
     }
 }
 
-/// Fires close and connect timers while nobody is calling in. Holds the stack only while
-/// waiting, so the stack goes away at most a second after its last handle.
-fn spawn_clock(shared: Weak<Shared>) {
+/// Fires close and connect timers while nobody is calling in.
+///
+/// The thread holds the stack only weakly while no timer is armed, so an idle stack goes away
+/// at most a second after its last handle. While timers are armed it keeps the stack alive,
+/// even with no handle left: connections closed last still get their forced RST when the close
+/// timeout passes, as Linux sends it after the application has exited.
+fn spawn_clock(stack: &Arc<Shared>) {
+    let shared = Arc::downgrade(stack);
+    // Held from the start, so that a thread scheduled late still finds the stack.
+    let mut keep = Some(stack.clone());
     let spawned = thread::Builder::new().name("zerovsock-clock".into()).spawn(move || loop {
-        let Some(shared) = shared.upgrade() else { return };
-        let mut core = shared.lock();
+        let Some(strong) = keep.take().or_else(|| shared.upgrade()) else { return };
+        let mut core = strong.lock();
         let now = Instant::now();
         core.pump(now);
+        core.wake_deferred_unlocked();
+        let timer = core.engine.poll_timeout();
         let idle = Duration::from_secs(1);
-        let wait =
-            core.engine.poll_timeout().map_or(idle, |t| t.saturating_duration_since(now).min(idle));
-        let core = shared.clock.wait_timeout(core, wait).unwrap_or_else(PoisonError::into_inner).0;
-        drop(core);
+        let wait = timer.map_or(idle, |t| t.saturating_duration_since(now).min(idle));
+        drop(core.wait_on(&strong.clock, Some(wait)));
+        if strong.lock().engine.poll_timeout().is_some() {
+            keep = Some(strong);
+        }
     });
     // Without the clock thread, timers still fire on every call into the stack; only
     // connections closed while the stack is otherwise idle wait longer for their final RST.

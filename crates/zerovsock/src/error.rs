@@ -90,6 +90,7 @@ pub(crate) fn recv(error: RecvError) -> io::Error {
         RecvError::UnknownSocket => os(libc::EBADF),
         RecvError::WouldBlock => os(libc::EAGAIN),
         RecvError::NotConnected => os(libc::ENOTCONN),
+        RecvError::TargetExceedsBuffer => os(libc::ENOMEM),
         _ => os(libc::EIO),
     }
 }

@@ -52,6 +52,7 @@ mod error;
 mod loopback;
 mod pool;
 mod socket;
+mod turn;
 mod types;
 mod zerocopy;
 
@@ -64,7 +65,9 @@ pub use types::{
     VsockStream,
 };
 pub use zerocopy::{Reclaimed, ZerocopySocket, ZerocopyWriter};
-pub use zerovsock_proto::{Completion, Interest, Readiness, RecvMeta};
+pub use zerovsock_proto::{
+    Completion, EngineConfig, Interest, Packet, Payload, Readiness, RecvMeta,
+};
 pub use zerovsock_wire as wire;
 
 /// One vsock endpoint: an engine and its transport. Cheap to clone; sockets keep it alive.
@@ -88,7 +91,17 @@ impl Vsock {
 
     /// An endpoint over any transport.
     pub fn with_transport(transport: impl Transport) -> Vsock {
-        Vsock { shared: core::Shared::new(Box::new(transport), |_| {}) }
+        Vsock::with_transport_config(transport, |_| {})
+    }
+
+    /// An endpoint over any transport, with the engine's limits and timeouts adjusted by
+    /// `configure` (socket limit, notification budget, connect and close timeouts). What the
+    /// transport decides (its CID, zerocopy and SEQPACKET support) stays the transport's.
+    pub fn with_transport_config(
+        transport: impl Transport,
+        configure: impl FnOnce(&mut EngineConfig),
+    ) -> Vsock {
+        Vsock { shared: core::Shared::new(Box::new(transport), configure) }
     }
 
     /// Sockets alive on this endpoint, including connections still closing.

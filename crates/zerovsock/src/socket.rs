@@ -18,6 +18,7 @@ use zerovsock_wire::{Addr, ShutdownFlags, SocketType};
 use crate::core::{Shared, Waiter};
 use crate::error;
 use crate::pool::BufferPool;
+use crate::turn::Turn;
 
 /// The bytes a send takes them from: a borrowed slice is copied; shared buffers may be sent as
 /// they are.
@@ -64,8 +65,9 @@ pub struct Inner {
     nonblocking: AtomicBool,
     read_timeout: Mutex<Option<Duration>>,
     write_timeout: Mutex<Option<Duration>>,
-    send_lock: Mutex<()>,
-    recv_lock: Mutex<()>,
+    /// Serialises sends, and receives, each for threads and tasks alike.
+    send_turn: Turn,
+    recv_turn: Turn,
 }
 
 impl std::fmt::Debug for Inner {
@@ -112,8 +114,8 @@ impl Inner {
             nonblocking: AtomicBool::new(false),
             read_timeout: Mutex::new(None),
             write_timeout: Mutex::new(None),
-            send_lock: Mutex::new(()),
-            recv_lock: Mutex::new(()),
+            send_turn: Turn::default(),
+            recv_turn: Turn::default(),
         }
     }
 
@@ -200,40 +202,44 @@ impl Inner {
     }
 
     /// Sends `source` as one message (the `vsock_connectible_sendmsg` loop): one engine pass per
-    /// credit window, waiting for credit in between. Returns the bytes sent; a STREAM send cut
-    /// short by non-blocking mode or a timeout returns what it sent so far.
+    /// credit window, waiting for credit in between. Returns the bytes sent. A STREAM send that
+    /// stops after some bytes went out (non-blocking mode, a timeout, EPIPE, ENOMEM on a later
+    /// zerocopy pass...) returns the bytes written, as Linux does (`out_err`) and
+    /// `Write::write` requires; the error recurs on the next call. A SEQPACKET send fails
+    /// unless the whole message went out.
     pub(crate) fn send(&self, source: Source<'_>, zerocopy: bool, eor: bool) -> io::Result<usize> {
-        let _serial = lock(&self.send_lock);
+        let _turn = self.send_turn.take();
         let total = source.len();
         let stream = self.socket_type == SocketType::Stream;
-        if total == 0 && stream {
-            return Ok(0);
-        }
         // SO_SNDTIMEO bounds the whole call, not each wait for credit.
         let deadline = lock(&self.write_timeout).map(|t| Instant::now() + t);
         let mut sent = 0;
         loop {
             let request = Inner::request(total, sent, zerocopy, eor);
-            let grant =
-                self.shared.wait(&self.waiter, self.nonblocking(), deadline, |engine, _| {
+            let pass = self
+                .shared
+                .wait(&self.waiter, self.nonblocking(), deadline, |engine, _| {
                     self.try_pass(engine, request)
-                });
-            let grant = match grant {
-                Ok(grant) => grant,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock && sent > 0 && stream => {
-                    return Ok(sent)
-                }
+                })
+                .and_then(|grant| self.finish_pass(grant, &source, sent));
+            match pass {
+                Ok(len) => sent += len,
+                Err(_) if sent > 0 && stream => return Ok(sent),
                 Err(e) => return Err(e),
-            };
-            sent += self.finish_pass(grant, &source, sent)?;
+            }
             if sent == total {
                 return Ok(sent);
             }
         }
     }
 
-    fn try_recv(&self, engine: &mut Engine, max: usize) -> io::Result<Option<RecvLease>> {
-        match engine.recv(self.id, max) {
+    fn try_recv(
+        &self,
+        engine: &mut Engine,
+        min: usize,
+        max: usize,
+    ) -> io::Result<Option<RecvLease>> {
+        match engine.recv_at_least(self.id, min, max) {
             Ok(lease) => Ok(Some(lease)),
             Err(RecvError::WouldBlock) => Ok(None),
             Err(other) => Err(error::recv(other)),
@@ -251,11 +257,39 @@ impl Inner {
     }
 
     /// Receives into `buf` (one message for SEQPACKET). With `peek`, nothing is consumed.
+    ///
+    /// A blocking STREAM read gathers data until SO_RCVLOWAT bytes (at most `buf.len()`) are
+    /// copied, or the stream ends, fails, or the read timeout passes: then it returns what it
+    /// has (`__vsock_stream_recvmsg`). A peek or a SEQPACKET read takes one lease.
     pub(crate) fn recv(&self, buf: &mut [u8], peek: bool) -> io::Result<RecvMeta> {
-        let _serial = lock(&self.recv_lock);
-        let timeout = *lock(&self.read_timeout);
-        let lease = self.wait(timeout, |engine, _| self.try_recv(engine, buf.len()))?;
-        Ok(self.finish_recv(lease, buf, peek))
+        let _turn = self.recv_turn.take();
+        let deadline = lock(&self.read_timeout).map(|t| Instant::now() + t);
+        let lease_into = |buf: &mut [u8]| {
+            let max = buf.len();
+            let lease = self.shared.wait(&self.waiter, self.nonblocking(), deadline, |e, _| {
+                self.try_recv(e, 1, max)
+            })?;
+            Ok::<_, io::Error>(self.finish_recv(lease, buf, peek))
+        };
+        if peek || buf.is_empty() || self.socket_type == SocketType::Seqpacket {
+            return lease_into(buf);
+        }
+        let target = self.shared.lock().engine.recv_target(self.id, buf.len());
+        let mut target = target.map_err(error::recv)?;
+        let mut copied = 0;
+        while copied < buf.len() {
+            let read = match lease_into(&mut buf[copied..]) {
+                Ok(meta) => meta.len,
+                Err(_) if copied > 0 => break,
+                Err(e) => return Err(e),
+            };
+            copied += read;
+            if read == 0 || read >= target {
+                break;
+            }
+            target -= read;
+        }
+        Ok(RecvMeta { len: copied, message_len: copied, eor: false })
     }
 
     /// Asynchronous accept.
@@ -272,6 +306,7 @@ impl Inner {
 
     /// Asynchronous send. STREAM sends what the credit allows now (at least one byte); a
     /// SEQPACKET message waits until it fits whole, so a message is never left half sent.
+    /// While another caller (a blocking send, another task) has the turn, the task waits.
     pub(crate) fn poll_send(
         &self,
         cx: &mut Context<'_>,
@@ -279,12 +314,9 @@ impl Inner {
         zerocopy: bool,
         eor: bool,
     ) -> Poll<io::Result<usize>> {
-        let _serial = lock(&self.send_lock);
+        let Poll::Ready(_turn) = self.send_turn.poll_take(cx) else { return Poll::Pending };
         let total = source.len();
         let stream = self.socket_type == SocketType::Stream;
-        if total == 0 && stream {
-            return Poll::Ready(Ok(0));
-        }
         let request =
             SendRequest { max_pass: usize::MAX, ..Inner::request(total, 0, zerocopy, eor) };
         let grant = self.shared.poll_attempt(&self.waiter, cx, |engine, _| {
@@ -300,17 +332,25 @@ impl Inner {
         grant.map(|grant| self.finish_pass(grant?, source, 0))
     }
 
-    /// Asynchronous receive.
+    /// Asynchronous receive: ready once a read would not block (for STREAM, once SO_RCVLOWAT
+    /// bytes, at most `buf.len()`, are queued, or no more will come); then one lease.
     pub(crate) fn poll_recv(
         &self,
         cx: &mut Context<'_>,
         buf: &mut [u8],
         peek: bool,
     ) -> Poll<io::Result<RecvMeta>> {
-        let _serial = lock(&self.recv_lock);
-        let lease = self
-            .shared
-            .poll_attempt(&self.waiter, cx, |engine, _| self.try_recv(engine, buf.len()));
+        let Poll::Ready(_turn) = self.recv_turn.poll_take(cx) else { return Poll::Pending };
+        let max = buf.len();
+        let lease = self.shared.poll_attempt(&self.waiter, cx, |engine, _| {
+            let min = match self.socket_type {
+                SocketType::Stream if !peek && max > 0 => {
+                    engine.recv_target(self.id, max).map_err(error::recv)?
+                }
+                _ => 1,
+            };
+            self.try_recv(engine, min, max)
+        });
         lease.map_ok(|lease| self.finish_recv(lease, buf, peek))
     }
 

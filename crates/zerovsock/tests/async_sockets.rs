@@ -133,3 +133,110 @@ fn seqpacket_send_waits_until_the_whole_message_fits() {
     assert!(wakes >= 1, "it waited for credit");
     assert_eq!(reader.join().unwrap(), (size, size, 2));
 }
+
+/// Runs `f` on a thread and fails if it has not finished within 10 s (a deadlock).
+fn within_deadline<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (done, wait) = std::sync::mpsc::channel();
+    thread::spawn(move || done.send(f()).ok());
+    wait.recv_timeout(Duration::from_secs(10)).unwrap_or_else(|_| panic!("{what}: deadlock"))
+}
+
+/// A waker that calls back into the stack when woken, as an executor that polls inline does.
+struct CallsBack(std::sync::Mutex<Option<Box<dyn FnOnce() + Send>>>);
+
+impl Wake for CallsBack {
+    fn wake(self: Arc<Self>) {
+        if let Some(call) = self.0.lock().unwrap().take() {
+            call();
+        }
+    }
+}
+
+#[test]
+fn a_waker_may_call_into_the_stack_or_drop_a_socket() {
+    within_deadline("waker calling back", || {
+        let vsock = Vsock::loopback();
+        let (mut client, server) = pair(&vsock);
+        let (other, _other_server) = pair(&vsock);
+        let server = Arc::new(server);
+        let probe = server.clone();
+        let call: Box<dyn FnOnce() + Send> = Box::new(move || {
+            let _ = probe.readiness();
+            drop(other);
+        });
+        let waker = Waker::from(Arc::new(CallsBack(std::sync::Mutex::new(Some(call)))));
+        let mut cx = Context::from_waker(&waker);
+        let mut buf = [0u8; 4];
+        assert!(server.poll_read(&mut cx, &mut buf).is_pending());
+        client.write_all(b"wake").unwrap();
+        assert!(matches!(server.poll_read(&mut cx, &mut buf), Poll::Ready(Ok(4))));
+    });
+}
+
+#[test]
+fn an_async_read_waits_for_its_turn_without_blocking_while_a_thread_reads() {
+    within_deadline("async read behind a blocking read", || {
+        let vsock = Vsock::loopback();
+        let (mut client, server) = pair(&vsock);
+        let server = Arc::new(server);
+        let blocking = server.clone();
+        let reader = thread::spawn(move || {
+            let mut buf = [0u8; 5];
+            (&*blocking).read_exact(&mut buf).unwrap();
+            buf
+        });
+        thread::sleep(Duration::from_millis(50));
+        let unpark = Arc::new(Unpark { thread: thread::current(), wakes: AtomicUsize::new(0) });
+        let waker = Waker::from(unpark.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut buf = [0u8; 5];
+        assert!(server.poll_read(&mut cx, &mut buf).is_pending(), "returns, does not block");
+        client.write_all(b"firstsecnd").unwrap();
+        assert_eq!(&reader.join().unwrap(), b"first", "the thread had the turn");
+        assert!(unpark.wakes.load(Ordering::SeqCst) > 0, "woken when the turn came free");
+        assert!(matches!(server.poll_read(&mut cx, &mut buf), Poll::Ready(Ok(5))));
+        assert_eq!(&buf, b"secnd");
+    });
+}
+
+#[test]
+fn an_async_write_waits_for_its_turn_without_blocking_while_a_thread_writes() {
+    within_deadline("async write behind a blocking write", || {
+        let vsock = Vsock::loopback();
+        let (client, server) = pair(&vsock);
+        let window = server.buffer_size().unwrap() as usize;
+        let client = Arc::new(client);
+        let blocking = client.clone();
+        let writer = thread::spawn(move || (&*blocking).write_all(&vec![1u8; 2 * window]));
+        while server.unread_bytes() < window {
+            server.poll(zerovsock::Interest::READABLE, Some(Duration::from_millis(10))).unwrap();
+        }
+        let unpark = Arc::new(Unpark { thread: thread::current(), wakes: AtomicUsize::new(0) });
+        let waker = Waker::from(unpark.clone());
+        let mut cx = Context::from_waker(&waker);
+        assert!(client.poll_write(&mut cx, &[2u8; 10]).is_pending(), "returns, does not block");
+        let mut got = vec![0u8; 2 * window];
+        (&server).read_exact(&mut got).unwrap();
+        writer.join().unwrap().unwrap();
+        assert!(got.iter().all(|&b| b == 1), "the async bytes did not cut into the message");
+        assert!(matches!(client.poll_write(&mut cx, &[2u8; 10]), Poll::Ready(Ok(10))));
+    });
+}
+
+#[test]
+fn an_async_read_is_ready_only_once_rcvlowat_bytes_are_queued() {
+    let vsock = Vsock::loopback();
+    let (mut client, server) = pair(&vsock);
+    server.set_rcvlowat(8).unwrap();
+    let unpark = Arc::new(Unpark { thread: thread::current(), wakes: AtomicUsize::new(0) });
+    let waker = Waker::from(unpark.clone());
+    let mut cx = Context::from_waker(&waker);
+    let mut buf = [0u8; 64];
+    client.write_all(b"four").unwrap();
+    assert!(server.poll_read(&mut cx, &mut buf).is_pending());
+    client.write_all(b"more").unwrap();
+    assert!(matches!(server.poll_read(&mut cx, &mut buf), Poll::Ready(Ok(8))));
+    client.write_all(b"end").unwrap();
+    client.shutdown(std::net::Shutdown::Write).unwrap();
+    assert!(matches!(server.poll_read(&mut cx, &mut buf), Poll::Ready(Ok(3))), "end of stream");
+}

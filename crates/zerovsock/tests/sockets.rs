@@ -388,3 +388,118 @@ fn peek_after_a_partial_read_starts_at_the_read_position() {
     assert_eq!(server.peek(&mut peeked).unwrap(), 54);
     assert_eq!(&peeked[..], &data[10..]);
 }
+
+const ENOMEM: i32 = 12;
+
+/// Linux's `vsock_connectible_sendmsg` (`out_err`): once bytes went out, a STREAM send
+/// returns their count, and the error comes with the next call.
+#[test]
+fn stream_send_stopped_by_the_peer_shut_rd_returns_the_bytes_written() {
+    let vsock = Vsock::loopback();
+    let (client, server) = pair(&vsock);
+    let buffer = server.buffer_size().unwrap() as usize;
+    let reader = thread::spawn(move || {
+        while server.unread_bytes() < buffer {
+            server.poll(Interest::READABLE, Some(Duration::from_millis(10))).unwrap();
+        }
+        server.shutdown(Shutdown::Read).unwrap();
+        server
+    });
+    let written = (&client).write(&vec![1u8; 4 * buffer]).unwrap();
+    assert_eq!(written, buffer, "one credit window went out before SHUT_RD");
+    assert_eq!(errno((&client).write(b"more")), EPIPE);
+    let server = reader.join().unwrap();
+    assert_eq!(server.unread_bytes(), buffer);
+}
+
+#[test]
+fn zero_length_stream_read_returns_at_once_and_consumes_nothing() {
+    let vsock = Vsock::loopback();
+    let (mut client, server) = pair(&vsock);
+    server.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert_eq!((&server).read(&mut []).unwrap(), 0, "no data: still 0, at once");
+    client.write_all(b"data").unwrap();
+    assert_eq!((&server).read(&mut []).unwrap(), 0);
+    assert_eq!(server.unread_bytes(), 4);
+    let mut buf = [0u8; 4];
+    (&server).read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"data");
+}
+
+#[test]
+fn zero_length_seqpacket_recv_leaves_the_message() {
+    let vsock = Vsock::loopback();
+    let (client, server) = seqpacket_pair(&vsock);
+    client.send(b"whole").unwrap();
+    let meta = server.recv(&mut []).unwrap();
+    assert_eq!((meta.len, meta.message_len), (0, 0));
+    let mut buf = [0u8; 16];
+    let meta = server.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..meta.len], b"whole");
+}
+
+#[test]
+fn empty_seqpacket_message_puts_nothing_on_the_wire() {
+    let vsock = Vsock::loopback();
+    let (client, server) = seqpacket_pair(&vsock);
+    assert_eq!(client.send(b"").unwrap(), 0);
+    client.send(b"first real message").unwrap();
+    let mut buf = [0u8; 64];
+    let meta = server.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..meta.len], b"first real message", "no empty message came before it");
+    server.set_nonblocking(true).unwrap();
+    assert_eq!(errno(server.recv(&mut buf)), libc_eagain());
+}
+
+fn libc_eagain() -> i32 {
+    std::io::Error::from(ErrorKind::WouldBlock).raw_os_error().unwrap_or(11)
+}
+
+/// `__vsock_stream_recvmsg`: a blocking read gathers SO_RCVLOWAT bytes before it returns.
+#[test]
+fn blocking_read_gathers_rcvlowat_bytes() {
+    let vsock = Vsock::loopback();
+    let (mut client, server) = pair(&vsock);
+    server.set_rcvlowat(100).unwrap();
+    client.write_all(&[1u8; 10]).unwrap();
+    let reader = thread::spawn(move || {
+        let mut buf = [0u8; 1000];
+        let n = (&server).read(&mut buf).unwrap();
+        (n, buf[..n].to_vec())
+    });
+    // Whether the reader sees the first ten bytes alone or not, it must not return with them.
+    thread::sleep(Duration::from_millis(20));
+    client.write_all(&[2u8; 95]).unwrap();
+    let (n, got) = reader.join().unwrap();
+    assert_eq!(n, 105);
+    assert_eq!(got, [vec![1u8; 10], vec![2u8; 95]].concat());
+}
+
+#[test]
+fn blocking_read_below_rcvlowat_returns_what_it_has_at_the_timeout_or_end_of_stream() {
+    let vsock = Vsock::loopback();
+    let (mut client, server) = pair(&vsock);
+    server.set_rcvlowat(100).unwrap();
+    server.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+    client.write_all(&[1u8; 10]).unwrap();
+    let mut buf = [0u8; 1000];
+    assert_eq!((&server).read(&mut buf).unwrap(), 10, "timeout with bytes copied: the count");
+    assert_eq!(errno((&server).read(&mut buf)), libc_eagain(), "timeout with none: EAGAIN");
+    client.write_all(&[2u8; 20]).unwrap();
+    client.shutdown(Shutdown::Write).unwrap();
+    assert_eq!((&server).read(&mut buf).unwrap(), 20, "end of stream ends the gathering");
+    assert_eq!((&server).read(&mut buf).unwrap(), 0);
+}
+
+#[test]
+fn read_with_rcvlowat_at_the_buffer_size_is_enomem() {
+    let vsock = Vsock::loopback();
+    let (_client, server) = pair(&vsock);
+    let size = server.buffer_size().unwrap() as usize;
+    server.set_rcvlowat(size as u32).unwrap();
+    let mut buf = vec![0u8; size];
+    assert_eq!(errno((&server).read(&mut buf)), ENOMEM);
+    let mut small = [0u8; 16];
+    server.set_nonblocking(true).unwrap();
+    assert_eq!(errno((&server).read(&mut small)), libc_eagain(), "a smaller read is fine");
+}

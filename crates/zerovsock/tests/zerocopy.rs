@@ -185,8 +185,11 @@ fn budget_exhaustion_is_enomem_and_sends_nothing() {
     assert_eq!(client.next_completion_id(), 1, "the refused send took no id");
     let mut buf = [0u8; 64];
     assert_eq!(server.read(&mut buf).unwrap(), 10, "only the first send's bytes arrived");
-    client.recv_completion().unwrap();
+    assert_eq!(client.recv_completion().unwrap(), Completion { lo: 0, hi: 0, copied: false });
     client.send_zerocopy(vec![6u8; 10]).unwrap();
+    assert_eq!(server.read(&mut buf).unwrap(), 10);
+    let next = client.recv_completion().unwrap();
+    assert_eq!((next.lo, next.hi), (1, 1), "the refused send took no id: the next one is 1");
 }
 
 #[test]
@@ -255,5 +258,73 @@ fn small_zerocopy_send_is_not_merged_into_queued_data() {
     let mut got = [0u8; 128];
     server.read_exact(&mut got).unwrap();
     assert_eq!(&got[..], &small[..]);
+    assert_eq!(client.recv_completion().unwrap(), Completion { lo: 0, hi: 0, copied: false });
+}
+
+/// Kernel 6.12.117 collapses non-linear (zerocopy) skbs by copying when the receive queue
+/// reaches its length bound (`virtio_transport_collapse_rx_queue`): small zerocopy sends well
+/// inside the credit never reset the connection, and a collapsed send completes at the copy.
+#[test]
+fn small_zerocopy_sends_inside_the_credit_are_collapsed_not_reset() {
+    let vsock = Vsock::loopback();
+    let port = port();
+    let listener = VsockSocket::stream(&vsock).unwrap();
+    listener.set_buffer_size(64 * 1024).unwrap();
+    listener.bind(any(port)).unwrap();
+    let listener = listener.listen(8).unwrap();
+    let client = VsockStream::connect(&vsock, local(port)).unwrap();
+    let (mut server, _) = listener.accept().unwrap();
+    client.set_zerocopy(true).unwrap();
+    let sends = 120u8;
+    for i in 0..sends {
+        assert_eq!(client.send_zerocopy(vec![i; 100]).unwrap(), 100, "send {i}");
+    }
+    // The first ~113 packets were copied into one by the collapse: their completions are in.
+    let early = client.recv_completion().unwrap();
+    assert_eq!(early.lo, 0);
+    assert!(early.count() >= 100 && !early.copied, "{early:?}");
+    let mut got = vec![0u8; 100 * sends as usize];
+    server.read_exact(&mut got).unwrap();
+    let expected: Vec<u8> = (0..sends).flat_map(|i| [i; 100]).collect();
+    assert_eq!(got, expected);
+    let rest = client.recv_completion().unwrap();
+    assert_eq!((rest.lo, rest.hi), (early.hi + 1, u32::from(sends) - 1));
+}
+
+/// `out_err` in `vsock_connectible_sendmsg`: ENOMEM on a later pass of a zerocopy STREAM send
+/// returns the bytes the earlier passes sent.
+#[test]
+fn zerocopy_send_stopped_by_enomem_on_a_later_pass_returns_the_bytes_written() {
+    let config = LoopbackConfig { notification_limit: 1, ..LoopbackConfig::default() };
+    let vsock = Vsock::loopback_with(config);
+    let (client, server) = pair(&vsock);
+    client.set_zerocopy(true).unwrap();
+    let window = server.buffer_size().unwrap() as usize;
+    let reader = thread::spawn(move || {
+        let mut got = vec![0u8; window];
+        (&server).read_exact(&mut got).unwrap();
+        got
+    });
+    // The first pass takes the whole window (and the one notification); once the reader has
+    // consumed it, its completion waits unread, so the second pass finds no budget.
+    let sent = client.send_zerocopy(vec![7u8; 2 * window]).unwrap();
+    assert_eq!(sent, window);
+    assert_eq!(reader.join().unwrap(), vec![7u8; window]);
+    let completion = client.recv_completion().unwrap();
+    assert_eq!((completion.lo, completion.hi, completion.copied), (0, 0, true));
+}
+
+#[test]
+fn empty_zerocopy_message_takes_no_completion_id() {
+    let vsock = Vsock::loopback();
+    let port = port();
+    let listener = VsockSeqpacketListener::bind(&vsock, any(port)).unwrap();
+    let client = VsockSeqpacket::connect(&vsock, local(port)).unwrap();
+    let (server, _) = listener.accept().unwrap();
+    client.set_zerocopy(true).unwrap();
+    assert_eq!(client.send_zerocopy(Vec::new()).unwrap(), 0);
+    client.send_zerocopy(vec![1u8; 10]).unwrap();
+    let mut buf = [0u8; 16];
+    assert_eq!(server.recv(&mut buf).unwrap().len, 10);
     assert_eq!(client.recv_completion().unwrap(), Completion { lo: 0, hi: 0, copied: false });
 }
