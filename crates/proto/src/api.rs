@@ -55,3 +55,29 @@ impl RecvMeta {
         self.message_len > self.len
     }
 }
+
+/// One connection's receive queue, as Linux accounts it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QueueStats {
+    /// Packets queued (after merging and collapsing).
+    pub packets: usize,
+    /// Whole SEQPACKET messages among them.
+    pub messages: usize,
+    /// Bytes the application has not read (`rx_bytes`).
+    pub unread_bytes: u32,
+    /// Bytes charged against the credit this side gave (`buf_used`): unread bytes plus the read
+    /// part of packets not yet wholly consumed.
+    pub charged_bytes: u32,
+    /// The receive buffer size advertised to the peer.
+    pub buf_alloc: u32,
+}
+
+impl QueueStats {
+    /// What Linux charges per queued packet (`SKB_TRUESIZE(0)` on x86-64).
+    pub const PACKET_OVERHEAD: u32 = 576;
+
+    /// The most packets the queue may hold (`(packets + 1) * 576 <= buf_alloc` on entry).
+    pub fn packet_limit(&self) -> usize {
+        (self.buf_alloc / QueueStats::PACKET_OVERHEAD) as usize
+    }
+}

@@ -11,6 +11,7 @@ use zerovsock_wire::{
 use crate::engine::Engine;
 use crate::error::SocketError;
 use crate::packet::{Packet, Payload};
+use crate::rx::Overrun;
 use crate::socket::{Options, Socket, SocketId, State};
 
 /// What happened to a packet handed to [`Engine::handle_packet`], for counters and tests.
@@ -25,6 +26,10 @@ pub enum Disposition {
     Dropped,
     /// It broke the protocol; the connection it belonged to was reset.
     Violation,
+    /// Its connection's receive queue already held as many packets as the buffer size allows
+    /// and collapsing made no room, so the connection was reset (ENOBUFS), as Linux does,
+    /// although the peer kept within its credit.
+    QueueFull,
 }
 
 impl Engine {
@@ -291,8 +296,13 @@ impl Engine {
             SocketType::Stream => SeqFlags::empty(),
             SocketType::Seqpacket => repr.seq_flags(),
         };
-        if socket.rx.enqueue(&mut socket.credit, packet.payload, flags, packet.pinned).is_err() {
-            return self.reset_violation(id, SocketError::CreditExceeded);
+        match socket.rx.enqueue(&mut socket.credit, packet.payload, flags, packet.pinned) {
+            Ok(()) => {}
+            Err(Overrun::Credit) => return self.reset_violation(id, SocketError::CreditExceeded),
+            Err(Overrun::QueueLength) => {
+                self.reset_violation(id, SocketError::CreditExceeded);
+                return Disposition::QueueFull;
+            }
         }
         self.out.wake(id, socket);
         Disposition::Delivered

@@ -88,7 +88,7 @@ mod rx;
 mod socket;
 mod zerocopy;
 
-pub use api::{Interest, Readiness, RecvMeta};
+pub use api::{Interest, QueueStats, Readiness, RecvMeta};
 pub use dispatch::Disposition;
 pub use engine::{
     Engine, EngineConfig, SendGrant, SendRequest, CLOSE_TIMEOUT, DEFAULT_CONNECT_TIMEOUT,

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use zerovsock_wire::{Addr, Op, ShutdownFlags, SocketType};
 
-use crate::api::Readiness;
+use crate::api::{QueueStats, Readiness};
 use crate::engine::Engine;
 use crate::error::OptionError;
 use crate::packet::Payload;
@@ -136,6 +136,19 @@ impl Engine {
     /// The peer's address, once connecting or connected.
     pub fn peer_addr(&self, id: SocketId) -> Option<Addr> {
         self.sockets.get(&id).and_then(|s| s.remote)
+    }
+
+    /// The receive queue as Linux accounts it, for metrics and tests.
+    pub fn receive_queue(&self, id: SocketId) -> Option<QueueStats> {
+        let socket = self.sockets.get(&id)?;
+        let (packets, messages) = socket.rx.counts();
+        Some(QueueStats {
+            packets,
+            messages,
+            unread_bytes: socket.credit.rx_bytes,
+            charged_bytes: socket.credit.buf_used,
+            buf_alloc: socket.credit.buf_alloc,
+        })
     }
 
     /// Unread bytes (SIOCINQ).

@@ -17,7 +17,7 @@ use crate::packet::Payload;
 /// Packets at or below this size are copied into the tail packet (`GOOD_COPY_LEN`).
 const GOOD_COPY_LEN: u32 = 128;
 /// What Linux charges per queued packet (`SKB_TRUESIZE(0)` on x86-64); bounds the queue length.
-pub(crate) const PACKET_OVERHEAD: u32 = 576;
+pub(crate) const PACKET_OVERHEAD: u32 = crate::QueueStats::PACKET_OVERHEAD;
 /// Packets this large are never collapsed, and collapsed packets stay below it
 /// (`MAX_COLLAPSE_LEN` = `SKB_MAX_ORDER(44, 3)`: 32 KiB less the 44-byte header and the
 /// 320-byte `skb_shared_info` on x86-64).
@@ -135,9 +135,15 @@ impl RecvLease {
     }
 }
 
-/// A packet could not be queued: the peer exceeded the credit it was given.
+/// Why a packet could not be queued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Overrun;
+pub(crate) enum Overrun {
+    /// The peer sent more than the credit it was given.
+    Credit,
+    /// The queue holds as many packets as its size allows (`buf_alloc / 576`) and collapsing
+    /// made no room; the peer kept its credit.
+    QueueLength,
+}
 
 #[derive(Debug, Default)]
 pub(crate) struct RxQueue {
@@ -156,6 +162,11 @@ impl RxQueue {
         self.messages > 0
     }
 
+    /// Packets queued, and whole messages among them.
+    pub(crate) fn counts(&self) -> (usize, usize) {
+        (self.packets.len(), self.messages)
+    }
+
     /// Queues a packet, charging it to `credit`; refuses it if the peer overran its credit or
     /// the queue its length bound (`virtio_transport_recv_enqueue`, in Linux's order: collapse
     /// when the queue is at its bound, check credit and length, then merge or append).
@@ -166,7 +177,7 @@ impl RxQueue {
         flags: SeqFlags,
         pinned: bool,
     ) -> Result<(), Overrun> {
-        let len = u32::try_from(data.len()).map_err(|_| Overrun)?;
+        let len = u32::try_from(data.len()).map_err(|_| Overrun::Credit)?;
         let queue_max = (credit.buf_alloc / PACKET_OVERHEAD) as usize;
         if self.packets.len() >= queue_max {
             // Room for this packet and the next one.
@@ -174,8 +185,11 @@ impl RxQueue {
         }
         // `virtio_transport_inc_rx_pkt`.
         let overhead = (self.packets.len() as u64 + 1) * u64::from(PACKET_OVERHEAD);
-        if !credit.can_queue(len) || overhead > u64::from(credit.buf_alloc) {
-            return Err(Overrun);
+        if !credit.can_queue(len) {
+            return Err(Overrun::Credit);
+        }
+        if overhead > u64::from(credit.buf_alloc) {
+            return Err(Overrun::QueueLength);
         }
         credit.on_queued(len);
         if flags.contains(SeqFlags::EOM) {
@@ -406,7 +420,7 @@ mod tests {
         let (mut queue, mut credit) = (RxQueue::default(), Credit::new(1000));
         assert_eq!(
             queue.enqueue(&mut credit, Payload::from(vec![0u8; 1001]), SeqFlags::empty(), false),
-            Err(Overrun)
+            Err(Overrun::Credit)
         );
         assert_eq!(credit.buf_used, 0);
     }

@@ -786,3 +786,27 @@ impl AsRef<[u8]> for PinnedBytes {
         &self.0
     }
 }
+
+/// Linux cannot collapse message ends, so a SEQPACKET peer that queues more small messages than
+/// the buffer allows packets gets the connection reset though it kept within its credit.
+#[test]
+fn seqpacket_messages_beyond_the_queue_bound_reset_the_connection() {
+    let mut host = Host::new();
+    let child = host.established(SocketType::Seqpacket);
+    host.engine.set_buffer_size(child, 4 * 576).unwrap();
+    host.sent();
+    let message = Repr { flags: SeqFlags::EOM.bits(), ..guest(Op::Rw, SocketType::Seqpacket) };
+    for _ in 0..4 {
+        assert_eq!(host.deliver(message, &[7u8; 200]), Disposition::Delivered);
+    }
+    let queue = host.engine.receive_queue(child).unwrap();
+    assert_eq!((queue.packets, queue.messages, queue.packet_limit()), (4, 4, 4));
+    assert_eq!(host.deliver(message, &[7u8; 200]), Disposition::QueueFull);
+    assert_eq!(host.ops(), [Op::Rst]);
+    for _ in 0..4 {
+        let lease = host.engine.recv(child, 512).unwrap();
+        assert_eq!(lease.len(), 200, "messages queued before the reset stay readable");
+        host.engine.commit_recv(child, lease);
+    }
+    assert_eq!(host.engine.recv(child, 512), Err(RecvError::Failed(SocketError::CreditExceeded)));
+}
