@@ -138,6 +138,13 @@ impl Engine {
         self.sockets.get(&id).and_then(|s| s.remote)
     }
 
+    /// The connection a packet from `remote` to `local` belongs to, as the engine would find it
+    /// (listeners aside).
+    pub fn find_connection(&self, local: Addr, remote: Addr) -> Option<SocketId> {
+        let any = Addr::new(zerovsock_wire::Cid::ANY, local.port);
+        self.connected.get(&(local, remote)).or_else(|| self.connected.get(&(any, remote))).copied()
+    }
+
     /// The receive queue as Linux accounts it, for metrics and tests.
     pub fn receive_queue(&self, id: SocketId) -> Option<QueueStats> {
         let socket = self.sockets.get(&id)?;

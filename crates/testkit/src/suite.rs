@@ -144,7 +144,10 @@ pub fn zerocopy_cases(socket_type: SocketType) -> impl Iterator<Item = &'static 
     ZEROCOPY_CASES.iter().filter(move |case| socket_type == SocketType::Stream || !case.stream_only)
 }
 
-/// Checks what `poll(POLLERR)` plus `recvmsg(MSG_ERRQUEUE)` produced against the case.
+/// Checks what `poll(POLLERR)` plus `recvmsg(MSG_ERRQUEUE)` produced against the case, run as
+/// the first send of a fresh socket (ids start at 0): a zerocopied send is one pass, so its
+/// completion is exactly `0..=0`; a copied one may have taken several passes, each with its own
+/// id, so its first completion starts at 0 and may cover more.
 pub fn check_completion(expect: Expect, completion: Option<Completion>) -> Result<(), String> {
     match (expect, completion) {
         (Expect::NoCompletion | Expect::Enomem, None) => Ok(()),
@@ -153,7 +156,13 @@ pub fn check_completion(expect: Expect, completion: Option<Completion>) -> Resul
         }
         (_, None) => Err("POLLERR expected".into()),
         (Expect::Zerocopied, Some(c)) if c.copied => Err(format!("zerocopy expected, got {c:?}")),
+        (Expect::Zerocopied, Some(c)) if (c.lo, c.hi) != (0, 0) => {
+            Err(format!("one pass with id 0 expected, got {c:?}"))
+        }
         (Expect::Copied, Some(c)) if !c.copied => Err(format!("COPIED expected, got {c:?}")),
+        (Expect::Copied, Some(c)) if c.lo != 0 => {
+            Err(format!("the first pass (id 0) completes first, got {c:?}"))
+        }
         _ => Ok(()),
     }
 }
@@ -183,5 +192,13 @@ mod tests {
         assert!(check_completion(Expect::Copied, Some(copied)).is_ok());
         assert!(check_completion(Expect::NoCompletion, Some(zc)).is_err());
         assert!(check_completion(Expect::Copied, None).is_err());
+        let later = Completion { lo: 1, hi: 1, copied: false };
+        assert!(check_completion(Expect::Zerocopied, Some(later)).is_err(), "ids start at 0");
+        let two = Completion { lo: 0, hi: 1, copied: false };
+        assert!(check_completion(Expect::Zerocopied, Some(two)).is_err(), "one pass");
+        let passes = Completion { lo: 0, hi: 2, copied: true };
+        assert!(check_completion(Expect::Copied, Some(passes)).is_ok());
+        let late = Completion { lo: 1, hi: 2, copied: true };
+        assert!(check_completion(Expect::Copied, Some(late)).is_err());
     }
 }
