@@ -32,10 +32,16 @@ use zerovsock_proto::Completion;
 
 static LEAKED: AtomicUsize = AtomicUsize::new(0);
 
-/// Buffers this process leaked because their sockets closed before the kernel reported them
-/// done (see the module documentation).
+/// Buffers this process leaked because their sockets (or io_uring rings) closed before the
+/// kernel reported them done (see the module documentation).
 pub fn leaked_buffers() -> usize {
     LEAKED.load(Ordering::Relaxed)
+}
+
+/// Gives up on memory the kernel may still read: it is counted and never freed.
+pub(crate) fn leak<T: ?Sized>(owner: Box<T>) {
+    LEAKED.fetch_add(1, Ordering::Relaxed);
+    std::mem::forget(owner);
 }
 
 /// Anything that keeps a buffer's memory alive.
@@ -168,10 +174,7 @@ impl Tracker {
     /// Gives up on the buffers still pinned: they are leaked, never freed.
     pub(crate) fn leak_pinned(&mut self) {
         for pinned in self.pinned.drain(..) {
-            for owner in pinned.owners {
-                LEAKED.fetch_add(1, Ordering::Relaxed);
-                std::mem::forget(owner);
-            }
+            pinned.owners.into_iter().for_each(leak);
         }
     }
 }
