@@ -20,8 +20,10 @@ pub struct Inner {
     fd: OwnedFd,
     socket_type: SocketType,
     zerocopy: Mutex<Tracker>,
-    /// SO_ZEROCOPY as last set through this handle (off on new and accepted sockets).
-    zerocopy_enabled: AtomicBool,
+    /// SO_ZEROCOPY as last set through this handle (off on new and accepted sockets). Held by
+    /// `set_zerocopy` around the `setsockopt` and by each tracked pass from reading the flag to
+    /// the end of its `sendmsg`, so the kernel applies the value the pass's id was recorded under.
+    zerocopy_enabled: Mutex<bool>,
     nonblocking: AtomicBool,
     /// SO_SNDTIMEO as last set, for the waits the library does itself.
     write_timeout: Mutex<Option<Duration>>,
@@ -50,7 +52,7 @@ impl Inner {
             fd,
             socket_type,
             zerocopy: Mutex::default(),
-            zerocopy_enabled: AtomicBool::new(false),
+            zerocopy_enabled: Mutex::new(false),
             nonblocking: AtomicBool::new(false),
             write_timeout: Mutex::new(None),
             send_lock: Mutex::new(()),
@@ -100,14 +102,17 @@ impl Inner {
         sys::option(self.fd(), libc::AF_VSOCK, name)
     }
 
+    /// SO_ZEROCOPY. Waits for a pass in progress (a STREAM pass never blocks; a SEQPACKET
+    /// message may wait for credit), so no pass sees one value while the kernel applies another.
     pub(crate) fn set_zerocopy(&self, enabled: bool) -> io::Result<()> {
+        let mut flag = lock(&self.zerocopy_enabled);
         sys::set_option(
             self.fd(),
             libc::SOL_SOCKET,
             libc::SO_ZEROCOPY,
             libc::c_int::from(enabled),
         )?;
-        self.zerocopy_enabled.store(enabled, Ordering::Relaxed);
+        *flag = enabled;
         Ok(())
     }
 
@@ -208,18 +213,20 @@ impl Inner {
 
     /// One MSG_ZEROCOPY `sendmsg` of a tracked send. With SO_ZEROCOPY on, its id is recorded
     /// before the call (so a completion is never matched before its id is known) and given back
-    /// if the call moved nothing; no lock is held while the call blocks.
+    /// if the call moved nothing. The flag stays locked until the call returns, so SO_ZEROCOPY
+    /// cannot change in between; the tracker is not locked while the call blocks.
     fn tracked_pass(
         &self,
         send: SendKey,
         call: impl FnOnce() -> io::Result<usize>,
     ) -> io::Result<usize> {
-        let enabled = self.zerocopy_enabled.load(Ordering::Relaxed);
+        let enabled = lock(&self.zerocopy_enabled);
         let id = enabled.then(|| lock(&self.zerocopy).pass(send));
         let result = call();
         if let (Some(id), Ok(0) | Err(_)) = (id, &result) {
             lock(&self.zerocopy).unpass(send, id);
         }
+        drop(enabled);
         result
     }
 
@@ -328,6 +335,51 @@ impl Drop for Inner {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::{TcpListener, TcpStream};
+    use std::sync::{mpsc, Arc};
+
+    /// An `Inner` over a TCP socket on 127.0.0.1: SO_ZEROCOPY and the error queue behave as on
+    /// vsock for what these tests need, and no AF_VSOCK socket is opened.
+    fn tcp_inner() -> (Arc<Inner>, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        (Arc::new(Inner::from_fd(OwnedFd::from(client), SocketType::Stream)), server)
+    }
+
+    #[test]
+    fn so_zerocopy_cannot_change_while_a_pass_is_made() {
+        let (inner, _server) = tcp_inner();
+        let send = inner.open_send(Vec::new()).unwrap();
+        let (done, finished) = mpsc::channel();
+        let mut toggler = None;
+        let mut during = None;
+        inner
+            .tracked_pass(send, || {
+                // The pass's sendmsg would run here. Another thread turns SO_ZEROCOPY on.
+                let other = inner.clone();
+                let done = done.clone();
+                toggler = Some(std::thread::spawn(move || {
+                    other.set_zerocopy(true).unwrap();
+                    let _ = done.send(());
+                }));
+                // Bounded wait for a change that must not happen before the pass ends.
+                let _ = finished.recv_timeout(Duration::from_millis(200));
+                let recorded_an_id = inner.next_completion_id() != 0;
+                during = Some((recorded_an_id, inner.zerocopy().unwrap()));
+                Ok(1)
+            })
+            .unwrap();
+        lock(&inner.zerocopy).close(send);
+        toggler.unwrap().join().unwrap();
+        let (recorded_an_id, kernel_flag) = during.unwrap();
+        assert_eq!(
+            kernel_flag, recorded_an_id,
+            "SO_ZEROCOPY was {kernel_flag} in the kernel during a pass that recorded an id: \
+             {recorded_an_id}"
+        );
+        assert!(inner.zerocopy().unwrap(), "the change is made once the pass is over");
+    }
 
     #[test]
     fn skip_resumes_inside_the_right_buffer() {

@@ -167,6 +167,9 @@ impl<K: Kind> VsockSocket<K> {
 macro_rules! socket_type {
     ($name:ident, $doc:literal) => {
         #[doc = $doc]
+        ///
+        /// [`AsFd`] lends the descriptor for polling, plain reads and writes and other options;
+        /// its implementation says what must not go through it.
         #[derive(Debug)]
         pub struct $name {
             inner: Inner,
@@ -178,6 +181,13 @@ macro_rules! socket_type {
             }
         }
 
+        /// The socket's descriptor. The library mirrors the kernel's zerocopy completion ids,
+        /// and only sees the sends and SO_ZEROCOPY changes made through its own methods. Setting
+        /// SO_ZEROCOPY or sending with MSG_ZEROCOPY through this descriptor makes the kernel
+        /// take ids the mirror never recorded (or skip ones it did): a later completion can then
+        /// release a buffer of `send_zerocopy` while the kernel still reads it, and the peer
+        /// receives whatever that memory holds by then. Plain sends and reads, `poll`, and other
+        /// options are fine.
         impl AsFd for $name {
             fn as_fd(&self) -> BorrowedFd<'_> {
                 self.inner.fd()
