@@ -12,10 +12,16 @@
 //!   socket lock being dropped mid-call, the kernel makes exactly one pass per call (it takes
 //!   whatever credit there is, then finds none left), so one call that moved bytes is one id.
 //! * A SEQPACKET message must go in one call, so a blocking call may make several passes when
-//!   the message exceeds the free credit. Every such pass is a copy (COPIED), so its pages are
-//!   free when the call returns, but it may have taken more than one id, and the ids of later
-//!   sends can no longer be predicted. After a COPIED SEQPACKET completion the tracker stops
-//!   matching: the buffers still held stay held until the socket is closed.
+//!   the message exceeds the free credit, each with its own id. Its first pass is then a copy
+//!   (COPIED); a later pass that starts exactly at an iovec boundary may be zerocopied. The
+//!   tracker cannot see how many ids a call took, so on SEQPACKET it matches only completions
+//!   that cannot hide one: a single id, the oldest not yet completed, without COPIED. The
+//!   kernel merges consecutive completions into one range that keeps the first one's flag, so
+//!   a zerocopied message followed by a copied multi-pass one arrives as one range without
+//!   COPIED; matching it would release the buffers of later sends, whose kernel ids lie beyond
+//!   it, while the kernel still reads them. Any other SEQPACKET completion (COPIED, a range of
+//!   several ids, an id out of order) stops the matching: the buffers still held stay held until
+//!   the socket is closed, and are then leaked.
 //! * A completion for an id the mirror never handed out means the same; it is handled the
 //!   same way.
 //!
@@ -76,6 +82,8 @@ pub(crate) struct Tracker {
     queue: VecDeque<Completion>,
     /// Ids can no longer be matched to buffers: hold everything until close.
     lost_sync: bool,
+    /// SEQPACKET: every id before this one has completed; the next completion must be this id.
+    next_completion: u32,
 }
 
 impl Tracker {
@@ -140,16 +148,27 @@ impl Tracker {
     pub(crate) fn completed(&mut self, completion: Completion, seqpacket: bool) {
         self.queue.push_back(completion);
         let beyond = (completion.hi.wrapping_sub(self.next_id) as i32) >= 0;
-        if beyond || (seqpacket && completion.copied) {
+        if beyond || (seqpacket && !self.unambiguous(completion)) {
             self.lost_sync = true;
         }
         if self.lost_sync {
             return;
         }
+        if seqpacket {
+            self.next_completion = completion.hi.wrapping_add(1);
+        }
         for pinned in &mut self.pinned {
             pinned.ids.retain(|id| !completion.contains(*id));
         }
         self.release();
+    }
+
+    /// A SEQPACKET completion that cannot hide a pass the tracker never saw: one id, the oldest
+    /// outstanding, zerocopied (so its message went in that one pass).
+    fn unambiguous(&self, completion: Completion) -> bool {
+        !completion.copied
+            && completion.lo == completion.hi
+            && completion.lo == self.next_completion
     }
 
     /// The oldest completion read but not yet handed out.
@@ -281,6 +300,44 @@ mod tests {
         tracker.completed(Completion { lo: 0, hi: 0, copied: true }, true);
         assert!(!tracker.in_sync());
         assert_eq!(tracker.pinned(), 2);
+    }
+
+    /// Z (zerocopied, id 0), then M, one SEQPACKET message bigger than the free credit that the
+    /// kernel copied in two passes (ids 1 and 2; the tracker saw one call, id 1), then N
+    /// (zerocopied, kernel id 3, tracker id 2). The kernel merges 0, 1 and 2 into one range that
+    /// keeps id 0's flag: no COPIED, nothing beyond the ids handed out.
+    #[test]
+    fn a_merged_seqpacket_range_does_not_release_a_later_send() {
+        let (z, m, n) = (Arc::new(vec![0u8]), Arc::new(vec![1u8]), Arc::new(vec![2u8]));
+        let mut tracker = Tracker::default();
+        tracker.sent(owner(&z));
+        tracker.sent(owner(&m));
+        assert_eq!(tracker.sent(owner(&n)), 2);
+        tracker.completed(Completion { lo: 0, hi: 2, copied: false }, true);
+        assert_eq!(Arc::strong_count(&n), 2, "id 2 may be M's second pass; N's may be 3");
+    }
+
+    #[test]
+    fn single_seqpacket_completions_in_order_release_their_buffers() {
+        let (a, b) = (Arc::new(vec![1u8]), Arc::new(vec![2u8]));
+        let mut tracker = Tracker::default();
+        tracker.sent(owner(&a));
+        tracker.sent(owner(&b));
+        tracker.completed(Completion { lo: 0, hi: 0, copied: false }, true);
+        tracker.completed(Completion { lo: 1, hi: 1, copied: false }, true);
+        assert!(tracker.in_sync());
+        assert_eq!((Arc::strong_count(&a), Arc::strong_count(&b)), (1, 1));
+    }
+
+    #[test]
+    fn a_seqpacket_completion_out_of_order_stops_matching() {
+        let (a, b) = (Arc::new(vec![1u8]), Arc::new(vec![2u8]));
+        let mut tracker = Tracker::default();
+        tracker.sent(owner(&a));
+        tracker.sent(owner(&b));
+        tracker.completed(Completion { lo: 1, hi: 1, copied: false }, true);
+        assert!(!tracker.in_sync());
+        assert_eq!(Arc::strong_count(&b), 2, "id 1 may be the first message's second pass");
     }
 
     #[test]
