@@ -111,7 +111,7 @@ pub fn workspace_root() -> Result<PathBuf> {
 }
 
 /// Builds the test binaries of `package` as static executables for the guest and returns
-/// their paths.
+/// their paths (test targets only, not the binaries or examples built beside them).
 pub fn build_static_tests(package: &str) -> Result<Vec<PathBuf>> {
     let root = workspace_root()?;
     let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
@@ -127,15 +127,46 @@ pub fn build_static_tests(package: &str) -> Result<Vec<PathBuf>> {
     if !out.status.success() {
         bail!("building the guest tests of {package} failed");
     }
-    let mut binaries = Vec::new();
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let Ok(message) = serde_json::from_str::<serde_json::Value>(line) else { continue };
-        if let Some(path) = message.get("executable").and_then(|e| e.as_str()) {
-            binaries.push(PathBuf::from(path));
-        }
-    }
+    let binaries = test_executables(&String::from_utf8_lossy(&out.stdout));
     if binaries.is_empty() {
         bail!("cargo built no test binary for {package}");
     }
     Ok(binaries)
+}
+
+/// The test executables among cargo's JSON messages (`--message-format json`): artifacts built
+/// with the test profile (unit tests of a library or binary, integration tests). The binaries
+/// and examples `cargo test` builds beside them have executables too, but are not tests.
+fn test_executables(messages: &str) -> Vec<PathBuf> {
+    messages
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|message| message["reason"] == "compiler-artifact")
+        .filter(|message| message["profile"]["test"] == true)
+        .filter_map(|message| message["executable"].as_str().map(PathBuf::from))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What `cargo test --no-run --message-format json` prints for a package with a library,
+    /// a binary, an example and an integration test (fields the lab does not read trimmed).
+    const MESSAGES: &str = r#"{"reason":"compiler-artifact","target":{"kind":["lib"],"crate_types":["lib"],"name":"p","test":true},"profile":{"opt_level":"3","test":false},"executable":null,"fresh":false}
+{"reason":"compiler-artifact","target":{"kind":["lib"],"crate_types":["lib"],"name":"p","test":true},"profile":{"opt_level":"3","test":true},"executable":"/t/deps/p-1111","fresh":false}
+{"reason":"compiler-artifact","target":{"kind":["bin"],"crate_types":["bin"],"name":"tool","test":true},"profile":{"opt_level":"3","test":false},"executable":"/t/tool","fresh":false}
+{"reason":"compiler-artifact","target":{"kind":["bin"],"crate_types":["bin"],"name":"tool","test":true},"profile":{"opt_level":"3","test":true},"executable":"/t/deps/tool-2222","fresh":false}
+{"reason":"compiler-artifact","target":{"kind":["example"],"crate_types":["bin"],"name":"demo","test":false},"profile":{"opt_level":"3","test":false},"executable":"/t/examples/demo","fresh":false}
+{"reason":"compiler-artifact","target":{"kind":["test"],"crate_types":["bin"],"name":"kernel","test":true},"profile":{"opt_level":"3","test":true},"executable":"/t/deps/kernel-3333","fresh":false}
+{"reason":"build-finished","success":true}"#;
+
+    #[test]
+    fn only_test_targets_are_run_in_the_guest() {
+        let found = test_executables(MESSAGES);
+        let expected: Vec<PathBuf> = ["/t/deps/p-1111", "/t/deps/tool-2222", "/t/deps/kernel-3333"]
+            .map(PathBuf::from)
+            .into();
+        assert_eq!(found, expected, "the binary and the example are not tests");
+    }
 }
