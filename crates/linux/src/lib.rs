@@ -49,8 +49,9 @@
 //!
 //! # Safety of use
 //!
-//! All `unsafe` lives in `sys.rs` (system calls) and `uring.rs` (submission entries), each block
-//! with its argument. This crate never decides *where* it runs: the project's own tests of it run
+//! The `unsafe` blocks that reach memory or the kernel live in `sys.rs` (system calls) and
+//! `uring.rs` (submission entries), each with its argument; `types.rs` only declares the public
+//! `unsafe fn send_zerocopy_raw`, whose one block passes the caller's promise on to `sys.rs`. This crate never decides *where* it runs: the project's own tests of it run
 //! only inside guests the VM lab boots, and refuse to run anywhere else.
 
 mod socket;

@@ -255,26 +255,17 @@ impl Inner {
         Ok(sent)
     }
 
-    /// Raw zerocopy send for callers that manage their own memory. STREAM sends never wait
-    /// (one pass: what the credit allows, or EAGAIN), so the send takes exactly one id.
-    ///
-    /// # Safety
-    /// See [`sys::sendmsg_raw`]: the ranges must stay mapped and unchanged until the
-    /// completion covering this send's id ([`Inner::next_completion_id`] before the call).
-    #[allow(unsafe_code)]
-    pub(crate) unsafe fn send_zerocopy_raw(
-        &self,
-        ranges: &[(*const u8, usize)],
-    ) -> io::Result<usize> {
+    /// Raw zerocopy send for callers that manage their own memory (they vouched for the ranges
+    /// when making `ranges`). STREAM sends never wait (one pass: what the credit allows, or
+    /// EAGAIN), so the send takes exactly one id.
+    pub(crate) fn send_zerocopy_raw(&self, ranges: sys::ZerocopyRanges<'_>) -> io::Result<usize> {
         let _serial = lock(&self.send_lock);
         let send = self.open_send(Vec::new())?;
         let flags = match self.socket_type {
             SocketType::Stream => libc::MSG_ZEROCOPY | libc::MSG_DONTWAIT,
             SocketType::Seqpacket => libc::MSG_ZEROCOPY,
         };
-        // SAFETY: forwarded from the caller's contract.
-        let result =
-            self.tracked_pass(send, || unsafe { sys::sendmsg_raw(self.fd(), ranges, flags) });
+        let result = self.tracked_pass(send, || sys::sendmsg_ranges(self.fd(), ranges, flags));
         lock(&self.zerocopy).close(send);
         result
     }

@@ -166,6 +166,32 @@ pub unsafe fn sendmsg_raw(
     check_size(unsafe { libc::sendmsg(fd.as_raw_fd(), &msg, flags | libc::MSG_NOSIGNAL) })
 }
 
+/// Memory ranges (`(address, length)` pairs) that the kernel may read until the zerocopy
+/// completion of the send that uses them; only [`ZerocopyRanges::new`] makes one, and its caller
+/// takes on that promise.
+#[derive(Clone, Copy, Debug)]
+pub struct ZerocopyRanges<'a>(&'a [(*const u8, usize)]);
+
+impl<'a> ZerocopyRanges<'a> {
+    /// # Safety
+    /// As for [`sendmsg_raw`] with `MSG_ZEROCOPY`: each range must stay mapped and unchanged
+    /// until the completion that covers the send (an unmapped range is allowed: the kernel
+    /// reports it without reading it).
+    pub unsafe fn new(ranges: &'a [(*const u8, usize)]) -> ZerocopyRanges<'a> {
+        ZerocopyRanges(ranges)
+    }
+}
+
+/// `sendmsg(2)` of ranges vouched for by [`ZerocopyRanges::new`]'s caller.
+pub fn sendmsg_ranges(
+    fd: BorrowedFd<'_>,
+    ranges: ZerocopyRanges<'_>,
+    flags: i32,
+) -> io::Result<usize> {
+    // SAFETY: whoever made `ranges` promised they stay readable until the completion.
+    unsafe { sendmsg_raw(fd, ranges.0, flags) }
+}
+
 /// `sendmsg(2)` of Rust slices.
 pub fn sendmsg(fd: BorrowedFd<'_>, bufs: &[&[u8]], flags: i32) -> io::Result<usize> {
     let ranges: Vec<(*const u8, usize)> = bufs.iter().map(|b| (b.as_ptr(), b.len())).collect();

@@ -345,8 +345,9 @@ macro_rules! connected {
                 &self,
                 ranges: &[(*const u8, usize)],
             ) -> io::Result<usize> {
-                // SAFETY: the caller's contract is this function's.
-                unsafe { self.inner.send_zerocopy_raw(ranges) }
+                // SAFETY: this function's contract is `ZerocopyRanges::new`'s, passed on as is.
+                let ranges = unsafe { sys::ZerocopyRanges::new(ranges) };
+                self.inner.send_zerocopy_raw(ranges)
             }
 
             /// The oldest zerocopy completion (`recvmsg(MSG_ERRQUEUE)`); `WouldBlock` when
