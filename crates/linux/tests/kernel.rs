@@ -9,9 +9,10 @@
 #![allow(unsafe_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{ErrorKind, Read, Write};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use zerovsock_linux::wire::{Addr, Cid, Port, SocketType};
 use zerovsock_linux::{
@@ -58,6 +59,68 @@ fn local(port: Port) -> Addr {
 fn any(port: Port) -> Addr {
     Addr::new(Cid::ANY, port)
 }
+
+/// A buffer that counts when the library lets go of it.
+struct Watched {
+    data: Vec<u8>,
+    drops: Arc<AtomicUsize>,
+}
+
+impl Watched {
+    /// A buffer and the count its drop increments.
+    fn new(data: Vec<u8>) -> (Watched, Arc<AtomicUsize>) {
+        let drops = Arc::new(AtomicUsize::new(0));
+        (Watched::counted(data, &drops), drops)
+    }
+
+    /// A buffer whose drop increments `drops`.
+    fn counted(data: Vec<u8>, drops: &Arc<AtomicUsize>) -> Watched {
+        Watched { data, drops: drops.clone() }
+    }
+}
+
+impl AsRef<[u8]> for Watched {
+    fn as_ref(&self) -> &[u8] {
+        &self.data
+    }
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        self.drops.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+fn dropped(drops: &AtomicUsize) -> bool {
+    drops.load(Ordering::SeqCst) > 0
+}
+
+/// The next completion the kernel queues (waiting up to [`WAIT`] for POLLERR).
+fn next_completion<S: Pollable>(socket: &S) -> Completion {
+    assert!(socket.wait_error(WAIT), "POLLERR: a completion is queued");
+    socket.completion()
+}
+
+/// What the helpers need of a connected socket.
+trait Pollable {
+    fn wait_error(&self, timeout: Duration) -> bool;
+    fn completion(&self) -> Completion;
+}
+
+macro_rules! pollable {
+    ($name:ty) => {
+        impl Pollable for $name {
+            fn wait_error(&self, timeout: Duration) -> bool {
+                self.poll(Interest::NONE, Some(timeout)).unwrap().error
+            }
+            fn completion(&self) -> Completion {
+                self.recv_completion().unwrap()
+            }
+        }
+    };
+}
+pollable!(VsockStream);
+pollable!(VsockSeqpacket);
 
 /// A buffer whose data starts `offset` bytes in, like the kernel test's unaligned element.
 struct Offset(Vec<u8>, usize);
@@ -122,7 +185,6 @@ macro_rules! zerocopy_case {
                 // SAFETY: the mapped ranges outlive the completion wait below; the unmapped one is
                 // the point of the case and is never read by the kernel.
                 assert_eq!(errno(unsafe { client.send_zerocopy_raw(&ranges) }), libc::ENOMEM);
-                assert_eq!(client.next_completion_id(), 0, "nothing sent, no id taken");
                 djb2(&[])
             } else {
                 let iov: Vec<Offset> =
@@ -135,6 +197,13 @@ macro_rules! zerocopy_case {
         let ready = client.poll(Interest::NONE, Some(wait)).unwrap();
         let completion = ready.error.then(|| client.recv_completion().unwrap());
         check_completion(case.expect, completion).unwrap();
+        if let Some(completion) = completion {
+            // A fresh socket's ids start at 0; a case that fits the credit goes in one pass.
+            assert_eq!(completion.lo, 0, "{case:?}: the first id of a fresh socket");
+            if case.expect == Expect::Zerocopied {
+                assert_eq!(completion.hi, 0, "{case:?}: one pass, one id");
+            }
+        }
         drop(client);
         assert_eq!(server.join().unwrap(), expected_hash, "data hash");
     }};
@@ -198,14 +267,20 @@ fn empty_error_queue_is_would_block() {
 
 #[test]
 #[ignore = "opens AF_VSOCK: runs only in a lab guest (cargo run -p zerovsock-lab -- guest-tests)"]
-fn without_so_zerocopy_there_is_no_completion() {
+fn without_so_zerocopy_there_is_no_completion_and_no_id() {
     guest();
     let (client, mut server) = pair();
-    client.send_zerocopy(vec![1u8; 1000]).unwrap();
+    let (buffer, released) = Watched::new(vec![1u8; 1000]);
+    client.send_zerocopy(buffer).unwrap();
+    assert!(dropped(&released), "copied at once: nothing to keep");
     let mut got = [0u8; 1000];
     server.read_exact(&mut got).unwrap();
     assert!(!client.poll(Interest::NONE, Some(Duration::from_millis(300))).unwrap().error);
-    assert_eq!(client.pinned_buffers(), 0, "copied at once: nothing to keep");
+    // The kernel took no id for the copy: the first zerocopied send gets id 0.
+    client.set_zerocopy(true).unwrap();
+    client.send_zerocopy(vec![2u8; 10]).unwrap();
+    server.read_exact(&mut got[..10]).unwrap();
+    assert_eq!(next_completion(&client), Completion { lo: 0, hi: 0, copied: false });
 }
 
 #[test]
@@ -221,7 +296,24 @@ fn consecutive_completions_merge_in_the_kernel_queue() {
     server.read_exact(&mut all).unwrap();
     client.poll(Interest::NONE, Some(WAIT)).unwrap();
     assert_eq!(client.recv_completion().unwrap(), Completion { lo: 0, hi: 2, copied: false });
-    assert_eq!(client.pinned_buffers(), 0);
+}
+
+#[test]
+#[ignore = "opens AF_VSOCK: runs only in a lab guest (cargo run -p zerovsock-lab -- guest-tests)"]
+fn a_merged_completion_releases_every_buffer_it_covers() {
+    guest();
+    let (client, mut server) = pair();
+    client.set_zerocopy(true).unwrap();
+    let mut flags = Vec::new();
+    for i in 0..3 {
+        let (buffer, released) = Watched::new(vec![i as u8; 100]);
+        client.send_zerocopy(buffer).unwrap();
+        flags.push(released);
+    }
+    let mut all = [0u8; 300];
+    server.read_exact(&mut all).unwrap();
+    assert_eq!(next_completion(&client), Completion { lo: 0, hi: 2, copied: false });
+    assert!(flags.iter().all(|f| dropped(f)), "all three released by the kernel's one range");
 }
 
 #[test]
@@ -230,13 +322,16 @@ fn buffers_stay_pinned_until_the_reader_consumed_them() {
     guest();
     let (client, mut server) = pair();
     client.set_zerocopy(true).unwrap();
-    client.send_zerocopy(pattern(2 * PAGE, 9)).unwrap();
-    assert_eq!(client.pinned_buffers(), 1, "vsock_loopback reads the pages when the peer reads");
+    let (buffer, released) = Watched::new(pattern(2 * PAGE, 9));
+    client.send_zerocopy(buffer).unwrap();
+    // vsock_loopback keeps the pages until the peer reads: the kernel has no completion yet.
+    assert!(!client.readiness().unwrap().error, "no completion before the peer read");
+    assert!(!dropped(&released));
     let mut got = vec![0u8; 2 * PAGE];
     server.read_exact(&mut got).unwrap();
     assert_eq!(got, pattern(2 * PAGE, 9));
-    assert!(client.drain_zerocopy(WAIT).unwrap());
-    assert_eq!(client.pinned_buffers(), 0);
+    assert_eq!(next_completion(&client), Completion { lo: 0, hi: 0, copied: false });
+    assert!(dropped(&released), "released once the kernel's completion was read");
 }
 
 #[test]
@@ -245,7 +340,8 @@ fn closing_with_unread_sends_leaks_instead_of_freeing() {
     guest();
     let (client, server) = pair();
     client.set_zerocopy(true).unwrap();
-    client.send_zerocopy(vec![7u8; PAGE]).unwrap();
+    let (buffer, released) = Watched::new(vec![7u8; PAGE]);
+    client.send_zerocopy(buffer).unwrap();
     client.set_zerocopy_linger(Duration::from_millis(100));
     let before = zerovsock_linux::leaked_buffers();
     drop(client);
@@ -254,6 +350,7 @@ fn closing_with_unread_sends_leaks_instead_of_freeing() {
         before + 1,
         "the peer never read: pages may still be read"
     );
+    assert!(!dropped(&released), "leaked, never freed");
     drop(server);
 }
 
@@ -313,44 +410,68 @@ fn so_zerocopy_on_an_accepted_socket() {
 }
 
 /// One thread sends zerocopy buffers (more than the credit, so some passes wait for room)
-/// while another reads completions: nothing deadlocks, every id completes exactly once, and
-/// every buffer comes back.
+/// while another reads completions: nothing deadlocks, the kernel completes every id exactly
+/// once, and every buffer comes back.
 #[test]
 #[ignore = "opens AF_VSOCK: runs only in a lab guest (cargo run -p zerovsock-lab -- guest-tests)"]
 fn completions_are_read_while_another_thread_sends() {
     guest();
+    const SENDS: usize = 64;
     let (client, server) = pair();
     client.set_zerocopy(true).unwrap();
-    let client = std::sync::Arc::new(client);
-    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let client = Arc::new(client);
+    let released = Arc::new(AtomicUsize::new(0));
     let reader = thread::spawn(move || read_stream(&server, 0).len());
     let watcher = {
-        let (client, done) = (client.clone(), done.clone());
-        thread::spawn(move || {
-            let mut ids = 0u64;
-            let deadline = std::time::Instant::now() + Duration::from_secs(60);
-            loop {
-                client.poll(Interest::NONE, Some(Duration::from_millis(50))).unwrap();
-                while let Ok(completion) = client.recv_completion() {
-                    ids += completion.count();
-                }
-                let finished = done.load(Ordering::SeqCst) && client.pinned_buffers() == 0;
-                if finished || std::time::Instant::now() > deadline {
-                    return ids;
-                }
-            }
-        })
+        let (client, released) = (client.clone(), released.clone());
+        thread::spawn(move || completions_until(&client, &released, SENDS))
     };
     let mut sent = 0;
-    for i in 0..64u64 {
-        sent += client.send_zerocopy(pattern(64 * 1024, i)).unwrap();
+    for i in 0..SENDS {
+        sent += client
+            .send_zerocopy(Watched::counted(pattern(64 * 1024, i as u64), &released))
+            .unwrap();
     }
-    done.store(true, Ordering::SeqCst);
-    let ids = watcher.join().unwrap();
-    assert_eq!(client.pinned_buffers(), 0, "every buffer came back");
-    assert_eq!(ids, u64::from(client.next_completion_id()), "each id completed once");
-    drop(std::sync::Arc::try_unwrap(client).unwrap());
-    assert_eq!(reader.join().unwrap(), sent);
+    let seen = watcher.join().unwrap();
+    assert_eq!(released.load(Ordering::SeqCst), SENDS, "every buffer came back");
+    let next = contiguous_from_zero(&seen);
+    // The kernel's next id follows the last one it completed: it took no other.
+    client.send_zerocopy(vec![0u8; 10]).unwrap();
+    assert_eq!(next_completion(&*client).lo, next, "the next id after {seen:?}");
+    drop(Arc::try_unwrap(client).unwrap());
+    assert_eq!(reader.join().unwrap(), sent + 10);
+}
+
+/// Reads completions until `count` buffers were released (or 60 s passed), and then every one
+/// still queued.
+fn completions_until(
+    socket: &VsockStream,
+    released: &AtomicUsize,
+    count: usize,
+) -> Vec<Completion> {
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        while let Ok(completion) = socket.recv_completion() {
+            seen.push(completion);
+        }
+        if released.load(Ordering::SeqCst) >= count || Instant::now() > deadline {
+            return seen;
+        }
+        socket.poll(Interest::NONE, Some(Duration::from_millis(50))).unwrap();
+    }
+}
+
+/// Checks that `completions` cover ids `0..n` exactly once each, in any order, and returns `n`.
+fn contiguous_from_zero(completions: &[Completion]) -> u32 {
+    let mut ranges: Vec<(u32, u32)> = completions.iter().map(|c| (c.lo, c.hi)).collect();
+    ranges.sort_unstable();
+    let mut next = 0u32;
+    for (lo, hi) in ranges {
+        assert_eq!(lo, next, "ids completed once each, no gap: {completions:?}");
+        next = hi + 1;
+    }
+    next
 }
 
 /// The notification budget is `net.core.optmem_max`: with none left, `sock_omalloc` fails and
@@ -370,11 +491,34 @@ fn exhausted_notification_budget_is_enomem_and_fallback_copies() {
     std::fs::write(OPTMEM, saved.trim()).unwrap();
     assert_eq!(errno(refused), libc::ENOMEM);
     assert_eq!(fallback.unwrap(), (100, true));
-    assert_eq!(client.next_completion_id(), 0, "no id was taken");
     let mut got = [0u8; 100];
     server.read_exact(&mut got).unwrap();
     assert_eq!(got, [2u8; 100], "only the fallback's bytes arrived");
     assert!(!client.poll(Interest::NONE, Some(Duration::from_millis(300))).unwrap().error);
+    // Neither took an id: the next zerocopied send gets id 0.
+    client.send_zerocopy(vec![3u8; 100]).unwrap();
+    server.read_exact(&mut got).unwrap();
+    assert_eq!(next_completion(&client), Completion { lo: 0, hi: 0, copied: false });
+}
+
+/// A zerocopy send the kernel refuses (ENOMEM: a page of the iovec is unmapped) moves nothing
+/// and takes no id (`net_zcopy_put_abort`): the next send gets id 0.
+#[test]
+#[ignore = "opens AF_VSOCK: runs only in a lab guest (cargo run -p zerovsock-lab -- guest-tests)"]
+fn a_refused_zerocopy_send_takes_no_id() {
+    guest();
+    let (client, mut server) = pair();
+    client.set_zerocopy(true).unwrap();
+    let page = vec![1u8; PAGE];
+    let ranges = [(page.as_ptr(), PAGE), (unmapped_page(), PAGE)];
+    // SAFETY: `page` outlives the call and is never changed; the unmapped range is the point of
+    // the test and is never read.
+    assert_eq!(errno(unsafe { client.send_zerocopy_raw(&ranges) }), libc::ENOMEM);
+    client.send_zerocopy(vec![2u8; 10]).unwrap();
+    let mut got = [0u8; 10];
+    server.read_exact(&mut got).unwrap();
+    assert_eq!(got, [2u8; 10], "the refused send moved nothing");
+    assert_eq!(next_completion(&client), Completion { lo: 0, hi: 0, copied: false });
 }
 
 #[test]
@@ -408,4 +552,115 @@ fn basic_socket_rules() {
     let big = vec![0u8; receiver.buffer_size().unwrap() as usize + 1];
     assert_eq!(errno(sender.send(&big)), libc::EMSGSIZE);
     let _ = VsockSocket::stream().unwrap();
+}
+
+/// SO_ZEROCOPY toggled by one thread while another sends: each pass is zerocopied by the kernel
+/// exactly when the library recorded an id for it, so the library's mirror and the kernel's
+/// counter stay equal and every buffer comes back once the kernel completed it.
+#[test]
+#[ignore = "opens AF_VSOCK: runs only in a lab guest (cargo run -p zerovsock-lab -- guest-tests)"]
+fn toggling_so_zerocopy_while_sending_keeps_ids_in_step() {
+    guest();
+    const SENDS: usize = 200;
+    let (client, server) = pair();
+    let client = Arc::new(client);
+    let released = Arc::new(AtomicUsize::new(0));
+    let reader = thread::spawn(move || read_stream(&server, 0).len());
+    let sender = {
+        let (client, released) = (client.clone(), released.clone());
+        thread::spawn(move || {
+            (0..SENDS)
+                .map(|i| {
+                    let buffer = Watched::counted(pattern(512, i as u64), &released);
+                    // Copies when the notification budget is spent (ENOMEM, no id taken).
+                    client.send_zerocopy_or_copy(buffer).unwrap().0
+                })
+                .sum::<usize>()
+        })
+    };
+    let mut on = false;
+    while !sender.is_finished() {
+        on = !on;
+        client.set_zerocopy(on).unwrap();
+        thread::yield_now();
+    }
+    let sent = sender.join().unwrap();
+    client.set_zerocopy(true).unwrap();
+    let seen = completions_until(&client, &released, SENDS);
+    assert_eq!(released.load(Ordering::SeqCst), SENDS, "every buffer came back");
+    let next = contiguous_from_zero(&seen);
+    assert_eq!(client.next_completion_id(), next, "the mirror took the ids the kernel took");
+    client.send_zerocopy(vec![0u8; 10]).unwrap();
+    assert_eq!(next_completion(&*client).lo, next, "the kernel's next id is the mirror's");
+    drop(Arc::try_unwrap(client).unwrap());
+    assert_eq!(reader.join().unwrap(), sent + 10);
+}
+
+/// The kernel merges consecutive completions into one range that keeps the first one's
+/// COPIED flag. Here Z (zerocopied, id 0) is followed by M, one SEQPACKET message bigger than
+/// the free credit, which the kernel copies in two passes (ids 1 and 2), then N (zerocopied,
+/// id 3). The reader reads Z and M before the sender drains, so the error queue holds
+/// {0..2, not COPIED}: it must not release N, whose pages the kernel holds until N is read.
+#[test]
+#[ignore = "opens AF_VSOCK: runs only in a lab guest (cargo run -p zerovsock-lab -- guest-tests)"]
+fn a_merged_seqpacket_range_hiding_copied_passes_releases_no_later_send() {
+    guest();
+    const BUFFER: u64 = 16 * 1024;
+    let port = port();
+    let listener = VsockSeqpacketListener::bind(any(port)).unwrap();
+    listener.set_buffer_size(BUFFER).unwrap(); // the accepted socket inherits it
+    let sender = Arc::new(VsockSeqpacket::connect(local(port)).unwrap());
+    let (receiver, _) = listener.accept().unwrap();
+    assert_eq!(receiver.buffer_size().unwrap(), BUFFER);
+    sender.set_zerocopy(true).unwrap();
+    // The reader reads one message per request and answers with its length.
+    let (read, lengths) = {
+        let (ask, asked) = mpsc::channel::<()>();
+        let (answer, answers) = mpsc::channel::<usize>();
+        thread::spawn(move || {
+            let mut buf = vec![0u8; BUFFER as usize];
+            for () in asked {
+                answer.send(receiver.recv(&mut buf).unwrap().len).unwrap();
+            }
+        });
+        (ask, answers)
+    };
+    let read_one = || {
+        read.send(()).unwrap();
+        lengths.recv_timeout(WAIT).unwrap()
+    };
+    let (z, z_drops) = Watched::new(vec![b'z'; 1024]);
+    let (m, m_drops) = Watched::new(vec![b'm'; 12 * 1024]);
+    let (n, n_drops) = Watched::new(vec![b'n'; 1024]);
+    assert_eq!(sender.send(&[b'y'; 8 * 1024]).unwrap(), 8 * 1024); // plain: no id
+    assert_eq!(sender.send_zerocopy(z).unwrap(), 1024); // fits the 7 KiB left: id 0
+    let big = {
+        let sender = sender.clone();
+        thread::spawn(move || sender.send_zerocopy(m).unwrap())
+    };
+    // M's first pass takes the 7 KiB of credit left (copied: it does not fit), then waits.
+    let deadline = Instant::now() + WAIT;
+    while sender.readiness().unwrap().writable && Instant::now() < deadline {
+        thread::yield_now();
+    }
+    assert!(!sender.readiness().unwrap().writable, "M's first pass used up the credit");
+    assert_eq!(read_one(), 8 * 1024, "Y"); // frees 8 KiB: M's second pass (copied)
+    assert_eq!(big.join().unwrap(), 12 * 1024);
+    assert_eq!(sender.send_zerocopy(n).unwrap(), 1024); // fits the 3 KiB left: zerocopied
+    assert_eq!(read_one(), 1024, "Z");
+    assert_eq!(read_one(), 12 * 1024, "M");
+    assert_eq!(
+        next_completion(&*sender),
+        Completion { lo: 0, hi: 2, copied: false },
+        "Z's completion with M's two copied passes merged in, COPIED hidden"
+    );
+    assert!(!dropped(&n_drops), "N released while the kernel still holds its pages (id 3)");
+    assert_eq!(read_one(), 1024, "N");
+    assert_eq!(next_completion(&*sender), Completion { lo: 3, hi: 3, copied: false });
+    // The tracker stopped matching at the ambiguous range: nothing is freed, all is leaked.
+    sender.set_zerocopy_linger(Duration::from_millis(10));
+    let before = zerovsock_linux::leaked_buffers();
+    drop(Arc::try_unwrap(sender).unwrap());
+    assert_eq!(zerovsock_linux::leaked_buffers(), before + 3);
+    assert!(!dropped(&z_drops) && !dropped(&m_drops) && !dropped(&n_drops));
 }
