@@ -118,6 +118,8 @@ pub struct Sim {
     /// Per side, per kind (see [`LISTEN_PORTS`]).
     listeners: [[Option<SocketId>; 2]; 2],
     flows: HashMap<FlowKey, Flow>,
+    /// Connections reset by their receiver: what is sent on them from now on cannot arrive.
+    refused: HashSet<FlowKey>,
     /// Source of the bytes sent: every byte of a run is drawn from one counter, so no two
     /// messages or stretches of a stream look alike.
     next_byte: u64,
@@ -173,6 +175,7 @@ impl Sim {
             sockets: Vec::new(),
             listeners: [[None; 2]; 2],
             flows: HashMap::new(),
+            refused: HashSet::new(),
             next_byte: 0,
             report: Report::default(),
         }
@@ -333,6 +336,10 @@ impl Sim {
             return;
         }
         let key = self.outgoing(&self.sockets[index]).expect("a socket that sent is connected");
+        if self.refused.contains(&key) {
+            // Sent before the sender heard of the reset; the receiver refuses it.
+            return;
+        }
         let flow = self.flows.entry(key).or_insert_with(|| match seqpacket {
             true => Flow::Seqpacket(VecDeque::new()),
             false => Flow::Stream(VecDeque::new()),
@@ -439,6 +446,7 @@ impl Sim {
             "queue-length reset that Linux would not make: {queue:?}"
         );
         self.report.queue_resets += 1;
+        self.refused.insert(key);
         // What is queued stays readable; the rest was refused.
         match self.flows.get_mut(&key) {
             Some(Flow::Stream(bytes)) => bytes.truncate(queue.unread_bytes as usize),
@@ -661,6 +669,30 @@ mod tests {
         assert_eq!(report.connections, 1);
         assert_eq!(report.bytes_delivered, 4096 + 64);
         assert_eq!(report.completions, 1);
+    }
+
+    /// Found by the property test: a SEQPACKET connection reset for queue length while its peer
+    /// still had messages on the way, and sent more before the RST reached it.
+    #[test]
+    fn messages_sent_after_a_queue_reset_are_not_expected() {
+        let input: &[u8] = &[
+            252, 143, 224, 65, 95, 220, 225, 108, 68, 140, 198, 239, 40, 66, 125, 51, 54, 211, 244,
+            248, 253, 69, 63, 216, 74, 155, 153, 19, 169, 164, 171, 141, 115, 65, 99, 46, 181, 120,
+            212, 29, 90, 78, 172, 95, 213, 78, 169, 152, 170, 70, 117, 43, 58, 56, 29, 172, 85,
+            225, 63, 96, 18, 52, 131, 126, 44, 155, 228, 221, 188, 47, 197, 15, 254, 247, 196, 57,
+            62, 254, 239, 237, 30, 74, 236, 88, 199, 15, 201, 139, 145, 33, 30, 231, 155, 251, 231,
+            56, 48, 169, 97, 181, 220, 2, 160, 99, 198, 237, 82, 155, 106, 23, 17, 204, 30, 12, 71,
+            195, 92, 164, 73, 253, 1, 167, 169, 66, 111, 118, 77, 253, 114, 84, 85, 100, 51, 229,
+            32, 29, 32, 118, 0, 218, 134, 107, 243, 69, 117, 77, 160, 208, 218, 223, 0, 225, 180,
+            3, 23, 177, 127, 53, 193, 44, 255, 174, 95, 215, 71, 124, 197, 155, 156, 102, 124, 144,
+            240, 134, 225, 254, 105, 211, 222, 198, 219, 132, 157, 227, 38, 140, 65, 106, 151, 158,
+            71, 62, 129, 33, 205, 117, 180, 113, 244, 15, 247, 186, 247, 57, 51, 37, 149, 18, 233,
+            236, 104, 34, 198, 12, 183, 178, 59, 135, 6, 110, 129, 11, 237, 15, 179, 135, 51, 76,
+            225, 17, 224, 34, 107, 127, 76, 236, 37, 50, 121, 58, 223, 227, 46, 73, 135, 87, 83,
+            93, 176, 71, 132, 0, 183, 23, 62, 32, 217, 20, 42, 86, 90, 52, 227, 186, 23, 211,
+        ];
+        let report = Sim::run(input);
+        assert!(report.queue_resets > 0, "{report:?}");
     }
 
     /// Random input of `len` bytes from a xorshift generator.
