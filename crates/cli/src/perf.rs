@@ -54,8 +54,8 @@ pub struct PerfArgs {
     /// Repetitions per measurement; the median is reported.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100))]
     runs: u32,
-    /// Port the receiver listens on.
-    #[arg(long, default_value_t = 1234)]
+    /// Port the receiver listens on (any but VMADDR_PORT_ANY, 4294967295).
+    #[arg(long, default_value_t = 1234, value_parser = parse_port)]
     port: u32,
     /// Print JSON instead of a table.
     #[arg(long)]
@@ -79,6 +79,100 @@ fn parse_size(text: &str) -> Result<u64, String> {
     Ok(value)
 }
 
+fn parse_port(text: &str) -> Result<u32, String> {
+    let port: u32 = text.trim().parse().map_err(|_| format!("not a port number: {text:?}"))?;
+    if port == Port::ANY.0 {
+        return Err(format!("{port} is VMADDR_PORT_ANY, which no socket can listen on"));
+    }
+    Ok(port)
+}
+
+/// Most sends one measurement may take: past this a run takes hours.
+const MAX_SENDS: u64 = 1 << 24;
+/// Smallest socket buffer that works: Linux charges 576 bytes per queued packet
+/// (`SKB_TRUESIZE(0)`), and a queue that cannot hold three packets (a partly read one, one that
+/// cannot be collapsed with it, and the next) resets the connection with ENOBUFS.
+const MIN_SOCKET_BUFFER: u64 = 3 * 576;
+/// Largest socket buffer: `buf_alloc` is 32 bits on the wire.
+const MAX_SOCKET_BUFFER: u64 = u32::MAX as u64;
+
+/// Refuses, up front and in one line each, what cannot run: sizes past `--bytes`, repeated
+/// sizes, runs of too many sends, buffers below what Linux's accounting allows or above the
+/// wire's 32 bits, SO_RCVLOWAT not below the buffer, more memory than the machine has.
+fn check(args: &PerfArgs, sizes: &[u64]) -> Result<()> {
+    for (i, &size) in sizes.iter().enumerate() {
+        if sizes[..i].contains(&size) {
+            bail!("--sizes lists {} twice", human(size));
+        }
+        if size > args.bytes {
+            bail!("size {} exceeds --bytes ({})", human(size), human(args.bytes));
+        }
+        let sends = args.bytes.div_ceil(size);
+        if sends > MAX_SENDS {
+            bail!(
+                "size {} with --bytes {} is {sends} sends per measurement (at most {MAX_SENDS}); \
+                 raise the size or lower --bytes",
+                human(size),
+                human(args.bytes)
+            );
+        }
+        let buffer = socket_buffer(args, size);
+        if buffer < MIN_SOCKET_BUFFER {
+            bail!(
+                "--vsk-size {buffer} is below {MIN_SOCKET_BUFFER} bytes: Linux charges 576 bytes \
+                 per queued packet, and a buffer that holds fewer than three resets the \
+                 connection (ENOBUFS)"
+            );
+        }
+        if buffer > MAX_SOCKET_BUFFER {
+            bail!("--vsk-size {buffer} exceeds {MAX_SOCKET_BUFFER}, the largest buf_alloc");
+        }
+        if u64::from(args.rcvlowat) >= buffer {
+            bail!(
+                "--rcvlowat {} must be below the socket buffer ({buffer} bytes): Linux fails \
+                 such reads with ENOMEM",
+                args.rcvlowat
+            );
+        }
+        let need = memory_needed(args, size, buffer);
+        if let Some(available) = available_memory() {
+            if need > available {
+                bail!(
+                    "size {} needs about {} of memory (buffers and copies in flight); {} is \
+                     available",
+                    human(size),
+                    approx(need),
+                    approx(available)
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Peak memory of one measurement: the memcpy source and destination, the sender's buffers,
+/// the receiver's, and a socket buffer's worth of copies in flight.
+fn memory_needed(args: &PerfArgs, size: u64, buffer: u64) -> u64 {
+    size.saturating_mul(4 + u64::from(args.inflight)).saturating_add(buffer)
+}
+
+/// `MemAvailable` from `/proc/meminfo`, when there is one.
+fn available_memory() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// A zeroed buffer, or an error (rather than an abort) when the memory is not there.
+fn filled(len: u64, fill: u8) -> Result<Vec<u8>> {
+    let len = usize::try_from(len).context("buffer larger than the address space")?;
+    let mut buf = Vec::new();
+    buf.try_reserve_exact(len).with_context(|| format!("allocating {}", human(len as u64)))?;
+    buf.resize(len, fill);
+    Ok(buf)
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 enum Mode {
@@ -92,7 +186,9 @@ struct Sample {
     send: Duration,
     e2e: Duration,
     sends: u64,
-    copied_sends: u64,
+    /// Zerocopy passes (completion ids) the sends took, and how many completed COPIED.
+    passes: u64,
+    copied_passes: u64,
 }
 
 /// One row of the report.
@@ -106,6 +202,7 @@ struct Row {
     e2e_gbps: f64,
     memcpy_gbps: f64,
     e2e_vs_memcpy: f64,
+    /// Share of zerocopy passes (completion ids) whose completion carried COPIED.
     copied_share: Option<f64>,
 }
 
@@ -123,55 +220,28 @@ fn gbps(bytes: u64, time: Duration) -> f64 {
     bytes as f64 * 8.0 / time.as_secs_f64().max(1e-12) / 1e9
 }
 
-/// Runs the comparison and prints it.
+/// Runs the comparison and prints it, a row as soon as it is measured.
 pub fn run(args: PerfArgs) -> Result<()> {
     let sizes = match args.buf_size {
         Some(size) => vec![size],
         None => args.sizes.clone(),
     };
+    check(&args, &sizes)?;
     let modes: Vec<Mode> = match (args.copy, args.zerocopy) {
         (true, false) => vec![Mode::Copy],
         (false, true) => vec![Mode::Zerocopy],
         _ => vec![Mode::Copy, Mode::Zerocopy],
     };
+    if !args.json {
+        print_header(&args);
+    }
     let mut rows = Vec::new();
     for &size in &sizes {
-        if size > u64::from(u32::MAX) || size > args.bytes {
-            bail!("size {size} must not exceed --bytes ({}) or 4 GiB", args.bytes);
+        let measured = measure_size(&args, size, &modes)?;
+        if !args.json {
+            print_row(size, &measured);
         }
-        let buffer = args.vsk_size.unwrap_or(default_buffer(size, args.inflight));
-        if u64::from(args.rcvlowat) > buffer {
-            bail!("--rcvlowat {} exceeds the socket buffer of {buffer} bytes", args.rcvlowat);
-        }
-        // Interleave memcpy and the modes run by run, so drift on a shared machine hits all
-        // of them alike; report medians.
-        let mut memcpy = Vec::new();
-        let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); modes.len()];
-        for _ in 0..args.runs {
-            memcpy.push(memcpy_time(size, args.bytes));
-            for (mode, runs) in modes.iter().zip(&mut samples) {
-                runs.push(measure(&args, size, *mode, buffer)?);
-            }
-        }
-        let memcpy_gbps = gbps(args.bytes, median(&mut memcpy));
-        for (&mode, samples) in modes.iter().zip(&samples) {
-            let send = median(&mut samples.iter().map(|s| s.send).collect::<Vec<_>>());
-            let e2e = median(&mut samples.iter().map(|s| s.e2e).collect::<Vec<_>>());
-            let sends: u64 = samples.iter().map(|s| s.sends).sum();
-            let copied: u64 = samples.iter().map(|s| s.copied_sends).sum();
-            let e2e_gbps = gbps(args.bytes, e2e);
-            rows.push(Row {
-                size,
-                mode,
-                bytes: args.bytes,
-                socket_buffer: buffer,
-                send_gbps: gbps(args.bytes, send),
-                e2e_gbps,
-                memcpy_gbps,
-                e2e_vs_memcpy: e2e_gbps / memcpy_gbps,
-                copied_share: (mode == Mode::Zerocopy).then(|| copied as f64 / sends.max(1) as f64),
-            });
-        }
+        rows.extend(measured);
     }
     let ratios = sizes
         .iter()
@@ -190,17 +260,56 @@ pub fn run(args: PerfArgs) -> Result<()> {
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        print_table(&report, args.bytes);
     }
     Ok(())
+}
+
+fn socket_buffer(args: &PerfArgs, size: u64) -> u64 {
+    args.vsk_size.unwrap_or_else(|| default_buffer(size, args.inflight))
+}
+
+/// The rows of one message size: memcpy and the modes, interleaved run by run so that drift on
+/// a shared machine hits all of them alike; medians.
+fn measure_size(args: &PerfArgs, size: u64, modes: &[Mode]) -> Result<Vec<Row>> {
+    let buffer = socket_buffer(args, size);
+    let mut memcpy = Vec::new();
+    let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); modes.len()];
+    for _ in 0..args.runs {
+        memcpy.push(memcpy_time(size, args.bytes)?);
+        for (mode, runs) in modes.iter().zip(&mut samples) {
+            let sample = measure(args, size, *mode, buffer)
+                .with_context(|| format!("{mode:?} at {}", human(size)))?;
+            runs.push(sample);
+        }
+    }
+    let memcpy_gbps = gbps(args.bytes, median(&mut memcpy));
+    let mut rows = Vec::new();
+    for (&mode, samples) in modes.iter().zip(&samples) {
+        let send = median(&mut samples.iter().map(|s| s.send).collect::<Vec<_>>());
+        let e2e = median(&mut samples.iter().map(|s| s.e2e).collect::<Vec<_>>());
+        let passes: u64 = samples.iter().map(|s| s.passes).sum();
+        let copied: u64 = samples.iter().map(|s| s.copied_passes).sum();
+        let e2e_gbps = gbps(args.bytes, e2e);
+        rows.push(Row {
+            size,
+            mode,
+            bytes: args.bytes,
+            socket_buffer: buffer,
+            send_gbps: gbps(args.bytes, send),
+            e2e_gbps,
+            memcpy_gbps,
+            e2e_vs_memcpy: e2e_gbps / memcpy_gbps,
+            copied_share: (mode == Mode::Zerocopy).then(|| copied as f64 / passes.max(1) as f64),
+        });
+    }
+    Ok(rows)
 }
 
 /// Room for four messages per in-flight slot, at least Linux's default 256 KiB: whole messages
 /// always fit the credit (so zerocopy is really taken), and a copy sender can fill the next
 /// message while the receiver drains the last.
 fn default_buffer(size: u64, inflight: u32) -> u64 {
-    (size * 4 * u64::from(inflight)).max(256 << 10)
+    size.saturating_mul(4 * u64::from(inflight)).clamp(256 << 10, MAX_SOCKET_BUFFER)
 }
 
 fn median(values: &mut [Duration]) -> Duration {
@@ -208,16 +317,16 @@ fn median(values: &mut [Duration]) -> Duration {
     values[values.len() / 2]
 }
 
-fn memcpy_time(size: u64, bytes: u64) -> Duration {
-    let src = vec![0x5au8; size as usize];
-    let mut dst = vec![0u8; size as usize];
+fn memcpy_time(size: u64, bytes: u64) -> Result<Duration> {
+    let src = filled(size, 0x5a)?;
+    let mut dst = filled(size, 0)?;
     let rounds = bytes.div_ceil(size);
     let start = Instant::now();
     for _ in 0..rounds {
         dst.copy_from_slice(black_box(&src));
         black_box(&mut dst);
     }
-    start.elapsed()
+    Ok(start.elapsed())
 }
 
 /// One sender/receiver pair moving `args.bytes` in messages of `size`.
@@ -231,7 +340,7 @@ fn measure(args: &PerfArgs, size: u64, mode: Mode, buffer: u64) -> Result<Sample
     let receiver = thread::spawn(move || -> Result<Instant> {
         let (mut conn, _) = listener.accept()?;
         conn.set_rcvlowat(rcvlowat)?;
-        let mut buf = vec![0u8; size as usize];
+        let mut buf = filled(size, 0)?;
         let mut received = 0u64;
         while received < total {
             let n = conn.read(&mut buf)?;
@@ -263,7 +372,7 @@ fn measure(args: &PerfArgs, size: u64, mode: Mode, buffer: u64) -> Result<Sample
 }
 
 fn send_copy(sender: &VsockStream, size: u64, total: u64) -> Result<(Instant, Sample)> {
-    let buf = vec![0x5au8; size as usize];
+    let buf = filled(size, 0x5a)?;
     let mut sample = Sample::default();
     let mut left = total;
     let start = Instant::now();
@@ -285,8 +394,9 @@ fn send_zerocopy(
     inflight: u32,
 ) -> Result<(Instant, Sample)> {
     sender.set_zerocopy(true)?;
-    let pool: Vec<Bytes> =
-        (0..inflight).map(|i| Bytes::from(vec![0x5a ^ i as u8; size as usize])).collect();
+    let pool: Vec<Bytes> = (0..inflight)
+        .map(|i| filled(size, 0x5a ^ i as u8).map(Bytes::from))
+        .collect::<Result<_>>()?;
     let mut sample = Sample::default();
     let mut outstanding = 0u64;
     let mut left = total;
@@ -323,8 +433,9 @@ fn reap(sender: &VsockStream, sample: &mut Sample) -> Result<u64> {
         match sender.recv_completion() {
             Ok(completion) => {
                 ids += completion.count();
+                sample.passes += completion.count();
                 if completion.copied {
-                    sample.copied_sends += completion.count();
+                    sample.copied_passes += completion.count();
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(ids),
@@ -335,21 +446,30 @@ fn reap(sender: &VsockStream, sample: &mut Sample) -> Result<u64> {
 
 fn human(size: u64) -> String {
     match size {
+        s if s >= 1 << 30 && s % (1 << 30) == 0 => format!("{} GiB", s >> 30),
         s if s >= 1 << 20 && s % (1 << 20) == 0 => format!("{} MiB", s >> 20),
         s if s >= 1 << 10 && s % (1 << 10) == 0 => format!("{} KiB", s >> 10),
         s => format!("{s} B"),
     }
 }
 
-fn print_table(report: &Report, bytes: u64) {
+/// A large amount in GiB (or MiB) with one decimal.
+fn approx(bytes: u64) -> String {
+    match bytes {
+        b if b >= 1 << 30 => format!("{:.1} GiB", b as f64 / f64::from(1 << 30)),
+        b => format!("{:.1} MiB", b as f64 / f64::from(1 << 20)),
+    }
+}
+
+fn print_header(args: &PerfArgs) {
     println!(
-        "zerovsock perf: {} transport, {} per measurement, median of {}, zerocopy in flight: {}",
-        report.transport,
-        human(bytes),
-        report.runs,
-        report.inflight
+        "zerovsock perf: loopback transport, {} per measurement, median of {}, zerocopy in flight: {}",
+        human(args.bytes),
+        args.runs,
+        args.inflight
     );
-    println!("throughput in Gbit/s; send = time inside send() only (as the RFC), e2e = first send to last byte read\n");
+    println!("throughput in Gbit/s; send = time inside send() only (as the RFC), e2e = first send to last byte read");
+    println!("COPIED = share of zerocopy passes that completed with the COPIED flag\n");
     println!(
         "{:>8} {:>9} | {:>9} {:>9} {:>7} | {:>9} {:>9} {:>7} {:>7} | {:>8}",
         "size",
@@ -363,31 +483,27 @@ fn print_table(report: &Report, bytes: u64) {
         "COPIED",
         "zc/copy"
     );
-    let sizes: Vec<u64> = {
-        let mut s: Vec<u64> = report.rows.iter().map(|r| r.size).collect();
-        s.dedup();
-        s
-    };
-    for size in sizes {
-        let find = |mode| report.rows.iter().find(|r| r.size == size && r.mode == mode);
-        let (copy, zc) = (find(Mode::Copy), find(Mode::Zerocopy));
-        let memcpy = copy.or(zc).map_or(0.0, |r| r.memcpy_gbps);
-        let cell = |row: Option<&Row>, f: fn(&Row) -> String| row.map_or("-".to_string(), f);
-        let ratio = report.zerocopy_over_copy_send.iter().find(|(s, _)| *s == size);
-        println!(
-            "{:>8} {:>9.1} | {:>9} {:>9} {:>7} | {:>9} {:>9} {:>7} {:>7} | {:>8}",
-            human(size),
-            memcpy,
-            cell(copy, |r| format!("{:.1}", r.send_gbps)),
-            cell(copy, |r| format!("{:.1}", r.e2e_gbps)),
-            cell(copy, |r| format!("{:.2}x", r.e2e_vs_memcpy)),
-            cell(zc, |r| format!("{:.1}", r.send_gbps)),
-            cell(zc, |r| format!("{:.1}", r.e2e_gbps)),
-            cell(zc, |r| format!("{:.2}x", r.e2e_vs_memcpy)),
-            cell(zc, |r| format!("{:.0}%", r.copied_share.unwrap_or(0.0) * 100.0)),
-            ratio.map_or("-".to_string(), |(_, r)| format!("{r:.1}x")),
-        );
-    }
+}
+
+fn print_row(size: u64, rows: &[Row]) {
+    let find = |mode| rows.iter().find(|r| r.mode == mode);
+    let (copy, zc) = (find(Mode::Copy), find(Mode::Zerocopy));
+    let memcpy = copy.or(zc).map_or(0.0, |r| r.memcpy_gbps);
+    let cell = |row: Option<&Row>, f: fn(&Row) -> String| row.map_or("-".to_string(), f);
+    let ratio = copy.zip(zc).map(|(copy, zc)| zc.send_gbps / copy.send_gbps);
+    println!(
+        "{:>8} {:>9.1} | {:>9} {:>9} {:>7} | {:>9} {:>9} {:>7} {:>7} | {:>8}",
+        human(size),
+        memcpy,
+        cell(copy, |r| format!("{:.1}", r.send_gbps)),
+        cell(copy, |r| format!("{:.1}", r.e2e_gbps)),
+        cell(copy, |r| format!("{:.2}x", r.e2e_vs_memcpy)),
+        cell(zc, |r| format!("{:.1}", r.send_gbps)),
+        cell(zc, |r| format!("{:.1}", r.e2e_gbps)),
+        cell(zc, |r| format!("{:.2}x", r.e2e_vs_memcpy)),
+        cell(zc, |r| format!("{:.0}%", r.copied_share.unwrap_or(0.0) * 100.0)),
+        ratio.map_or("-".to_string(), |r| format!("{r:.1}x")),
+    );
 }
 
 #[cfg(test)]
@@ -403,6 +519,62 @@ mod tests {
         assert!(parse_size("0").is_err());
         assert!(parse_size("12Q").is_err());
         assert!(parse_size("99999999999999G").is_err());
+    }
+
+    fn args() -> PerfArgs {
+        PerfArgs {
+            sizes: vec![4 << 10],
+            buf_size: None,
+            bytes: 256 << 20,
+            vsk_size: None,
+            rcvlowat: 1,
+            zerocopy: false,
+            copy: false,
+            inflight: 1,
+            runs: 1,
+            port: 1234,
+            json: false,
+        }
+    }
+
+    fn refusal(args: &PerfArgs) -> String {
+        let sizes = args.sizes.clone();
+        format!("{:#}", check(args, &sizes).expect_err("refused"))
+    }
+
+    #[test]
+    fn port_any_is_refused_by_name() {
+        assert_eq!(parse_port("1234"), Ok(1234));
+        let error = parse_port("4294967295").unwrap_err();
+        assert!(error.contains("VMADDR_PORT_ANY"), "{error}");
+        assert!(parse_port("4294967296").is_err());
+    }
+
+    #[test]
+    fn what_cannot_run_is_refused_up_front_in_one_line() {
+        assert!(check(&args(), &[4 << 10, 1 << 20]).is_ok());
+        let cases: [(fn(&mut PerfArgs), &str); 6] = [
+            (|a| a.sizes = vec![4096, 4096], "twice"),
+            (|a| a.sizes = vec![1], "sends per measurement"),
+            (|a| a.sizes = vec![512 << 20], "exceeds --bytes"),
+            (|a| a.vsk_size = Some(1152), "fewer than three"),
+            (|a| a.rcvlowat = 256 << 10, "below the socket buffer"),
+            (|a| (a.sizes, a.bytes) = (vec![1 << 40], 1 << 40), "of memory"),
+        ];
+        for (change, expected) in cases {
+            let mut args = args();
+            change(&mut args);
+            let message = refusal(&args);
+            assert!(message.contains(expected), "{message:?} should say {expected:?}");
+            assert!(!message.contains('\n'), "one line: {message:?}");
+        }
+    }
+
+    #[test]
+    fn the_default_buffer_fits_the_wire_and_a_whole_message() {
+        assert_eq!(default_buffer(4096, 1), 256 << 10);
+        assert_eq!(default_buffer(1 << 20, 2), 8 << 20);
+        assert_eq!(default_buffer(2 << 30, 1), MAX_SOCKET_BUFFER);
     }
 
     #[test]
@@ -422,7 +594,7 @@ mod tests {
         };
         let sample = measure(&args, 64 << 10, Mode::Zerocopy, 256 << 10).unwrap();
         assert_eq!(sample.sends, 64);
-        assert_eq!(sample.copied_sends, 0, "whole messages fit the credit");
+        assert_eq!((sample.passes, sample.copied_passes), (64, 0), "whole messages fit the credit");
         assert!(sample.e2e >= sample.send);
         let sample = measure(&args, 64 << 10, Mode::Copy, 256 << 10).unwrap();
         assert_eq!(sample.sends, 64);
