@@ -553,7 +553,8 @@ mod tests {
     #[test]
     fn what_cannot_run_is_refused_up_front_in_one_line() {
         assert!(check(&args(), &[4 << 10, 1 << 20]).is_ok());
-        let cases: [(fn(&mut PerfArgs), &str); 6] = [
+        type Change = fn(&mut PerfArgs);
+        let cases: [(Change, &str); 6] = [
             (|a| a.sizes = vec![4096, 4096], "twice"),
             (|a| a.sizes = vec![1], "sends per measurement"),
             (|a| a.sizes = vec![512 << 20], "exceeds --bytes"),
