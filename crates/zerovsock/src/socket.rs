@@ -264,30 +264,30 @@ impl Inner {
     pub(crate) fn recv(&self, buf: &mut [u8], peek: bool) -> io::Result<RecvMeta> {
         let _turn = self.recv_turn.take();
         let deadline = lock(&self.read_timeout).map(|t| Instant::now() + t);
-        let lease_into = |buf: &mut [u8]| {
-            let max = buf.len();
-            let lease = self.shared.wait(&self.waiter, self.nonblocking(), deadline, |e, _| {
-                self.try_recv(e, 1, max)
-            })?;
-            Ok::<_, io::Error>(self.finish_recv(lease, buf, peek))
-        };
-        if peek || buf.is_empty() || self.socket_type == SocketType::Seqpacket {
-            return lease_into(buf);
-        }
-        let target = self.shared.lock().engine.recv_target(self.id, buf.len());
-        let mut target = target.map_err(error::recv)?;
+        let gather = !peek && !buf.is_empty() && self.socket_type == SocketType::Stream;
+        // The SO_RCVLOWAT target is read under the lock of the first attempt: one engine lock
+        // per lease, as before there was a target.
+        let mut target = None;
         let mut copied = 0;
-        while copied < buf.len() {
-            let read = match lease_into(&mut buf[copied..]) {
-                Ok(meta) => meta.len,
+        loop {
+            let max = buf.len() - copied;
+            let lease = self.shared.wait(&self.waiter, self.nonblocking(), deadline, |e, _| {
+                if gather && target.is_none() {
+                    target = Some(e.recv_target(self.id, max).map_err(error::recv)?);
+                }
+                self.try_recv(e, 1, max)
+            });
+            let read = match lease {
+                Ok(lease) => self.finish_recv(lease, &mut buf[copied..], peek),
                 Err(_) if copied > 0 => break,
                 Err(e) => return Err(e),
             };
-            copied += read;
-            if read == 0 || read >= target {
+            let Some(left) = target.filter(|_| gather) else { return Ok(read) };
+            copied += read.len;
+            if read.len == 0 || read.len >= left || copied == buf.len() {
                 break;
             }
-            target -= read;
+            target = Some(left - read.len);
         }
         Ok(RecvMeta { len: copied, message_len: copied, eor: false })
     }

@@ -6,19 +6,20 @@
 //! its turn on a condition variable; a task that finds the turn taken is parked with its waker
 //! instead of blocking its executor's thread, and is woken when the turn is given back.
 
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 
+/// The turn is an atomic flag, so taking and giving back a free turn costs no lock and no
+/// system call (a send per message takes one); the mutex and condition variable are only for
+/// callers that find it taken.
 #[derive(Debug, Default)]
 pub(crate) struct Turn {
-    state: Mutex<State>,
+    taken: AtomicBool,
+    /// Threads waiting plus tasks registered; the holder looks for them only when non-zero.
+    waiting: AtomicUsize,
+    tasks: Mutex<Vec<Waker>>,
     free: Condvar,
-}
-
-#[derive(Debug, Default)]
-struct State {
-    taken: bool,
-    tasks: Vec<Waker>,
 }
 
 /// Holds the turn; gives it back when dropped.
@@ -28,43 +29,69 @@ pub(crate) struct Held<'a> {
 }
 
 impl Turn {
-    fn state(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    fn tasks(&self) -> MutexGuard<'_, Vec<Waker>> {
+        self.tasks.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn try_take(&self) -> Option<Held<'_>> {
+        let free = self.taken.compare_exchange(false, true, Ordering::SeqCst, Ordering::Relaxed);
+        free.is_ok().then(|| Held { turn: self })
     }
 
     /// Waits (blocking the thread) for the turn.
     pub(crate) fn take(&self) -> Held<'_> {
-        let mut state = self.state();
-        while state.taken {
-            state = self.free.wait(state).unwrap_or_else(PoisonError::into_inner);
+        if let Some(held) = self.try_take() {
+            return held;
         }
-        state.taken = true;
-        Held { turn: self }
+        let mut tasks = self.tasks();
+        loop {
+            // Counted before the second look, so a holder that gives the turn back after that
+            // look sees the count and wakes us (both sides use SeqCst).
+            self.waiting.fetch_add(1, Ordering::SeqCst);
+            if let Some(held) = self.try_take() {
+                self.waiting.fetch_sub(1, Ordering::SeqCst);
+                return held;
+            }
+            tasks = self.free.wait(tasks).unwrap_or_else(PoisonError::into_inner);
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+        }
     }
 
     /// Takes the turn if it is free; otherwise registers the task to be woken when it is.
     pub(crate) fn poll_take(&self, cx: &mut Context<'_>) -> Poll<Held<'_>> {
-        let mut state = self.state();
-        if state.taken {
-            if !state.tasks.iter().any(|task| task.will_wake(cx.waker())) {
-                state.tasks.push(cx.waker().clone());
-            }
-            return Poll::Pending;
+        if let Some(held) = self.try_take() {
+            return Poll::Ready(held);
         }
-        state.taken = true;
-        Poll::Ready(Held { turn: self })
+        {
+            let mut tasks = self.tasks();
+            if !tasks.iter().any(|task| task.will_wake(cx.waker())) {
+                tasks.push(cx.waker().clone());
+                self.waiting.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        // Registered first, then looked again: a turn given back in between is not missed (at
+        // worst this task is woken once for nothing).
+        match self.try_take() {
+            Some(held) => Poll::Ready(held),
+            None => Poll::Pending,
+        }
     }
 }
 
 impl Drop for Held<'_> {
     fn drop(&mut self) {
-        let tasks = {
-            let mut state = self.turn.state();
-            state.taken = false;
-            std::mem::take(&mut state.tasks)
+        let turn = self.turn;
+        turn.taken.store(false, Ordering::SeqCst);
+        if turn.waiting.load(Ordering::SeqCst) == 0 {
+            return;
+        }
+        let woken = {
+            let mut tasks = turn.tasks();
+            turn.waiting.fetch_sub(tasks.len(), Ordering::SeqCst);
+            turn.free.notify_one();
+            std::mem::take(&mut *tasks)
         };
-        self.turn.free.notify_one();
-        tasks.into_iter().for_each(Waker::wake);
+        woken.into_iter().for_each(Waker::wake);
     }
 }
 
@@ -95,5 +122,28 @@ mod tests {
         drop(held);
         assert_eq!(count.0.load(Ordering::SeqCst), 1);
         assert!(turn.poll_take(&mut cx).is_ready());
+    }
+
+    #[test]
+    fn threads_take_turns_one_at_a_time_and_none_is_left_waiting() {
+        let turn = Arc::new(Turn::default());
+        let inside = Arc::new(AtomicBool::new(false));
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let (turn, inside) = (turn.clone(), inside.clone());
+                std::thread::spawn(move || {
+                    for _ in 0..20_000 {
+                        let _held = turn.take();
+                        assert!(!inside.swap(true, Ordering::SeqCst), "two holders at once");
+                        inside.store(false, Ordering::SeqCst);
+                    }
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().unwrap();
+        }
+        assert_eq!(turn.waiting.load(Ordering::SeqCst), 0);
+        assert!(turn.try_take().is_some());
     }
 }
