@@ -63,7 +63,7 @@ fn rw_packet(c: &mut Criterion) {
         b.iter(|| {
             let request = SendRequest {
                 remaining: SIZE,
-                fresh: true,
+                at_segment_start: true,
                 zerocopy: false,
                 eor: false,
                 max_pass: usize::MAX,

@@ -73,6 +73,12 @@ impl Credit {
         self.buf_used += len;
     }
 
+    /// The unread data was dropped (a closed socket): nothing is queued any more.
+    pub(crate) fn drop_unread(&mut self) {
+        self.rx_bytes = 0;
+        self.buf_used = 0;
+    }
+
     pub(crate) fn on_read(&mut self, bytes: u32) {
         self.rx_bytes -= bytes;
     }
@@ -94,9 +100,10 @@ impl Credit {
     /// have fallen under `SO_RCVLOWAT`.
     pub(crate) fn update_due_after_stream_read(&self, rcvlowat: u32) -> bool {
         let delta = self.fwd_cnt.wrapping_sub(self.last_fwd_cnt);
+        // `free_space` is u32 arithmetic in Linux: after the buffer shrank below `delta` it
+        // wraps and no update is due on that account.
         delta != 0
-            && (self.buf_alloc.saturating_sub(delta) < MAX_PACKET_PAYLOAD
-                || self.rx_bytes < rcvlowat)
+            && (self.buf_alloc.wrapping_sub(delta) < MAX_PACKET_PAYLOAD || self.rx_bytes < rcvlowat)
     }
 
     /// Whether an update is owed because `SO_RCVLOWAT` rose above the unread bytes.

@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use zerovsock_wire::{
-    Addr, Cid, Header, Op, Port, Repr, SeqFlags, ShutdownFlags, SocketType, WireError, HEADER_LEN,
+    Addr, Cid, Header, Op, Port, Repr, ShutdownFlags, SocketType, WireError, HEADER_LEN,
     MAX_PACKET_PAYLOAD,
 };
 
@@ -56,16 +56,9 @@ impl Engine {
             self.out.reset_reply(&repr);
             return Disposition::Refused;
         }
-        if socket.state != State::Listening {
-            // `virtio_transport_space_update`, then `sk_write_space` when there is room: any
-            // packet may carry credit, so a writer waiting for it is woken whatever the op.
-            let before = socket.credit.send_space();
-            socket.credit.update_from_peer(repr.buf_alloc, repr.fwd_cnt);
-            if socket.credit.send_space() > before {
-                self.out.wake(id, socket);
-            }
-        }
-        match socket.state {
+        let state = socket.state;
+        self.take_credit(id, &repr);
+        match state {
             State::Listening => self.on_listening(id, packet),
             State::Connecting => self.on_connecting(id, &repr),
             State::Established => self.on_established(id, packet),
@@ -120,17 +113,35 @@ impl Engine {
             return;
         }
         let socket = self.lookup(&repr).and_then(|id| Some((id, self.sockets.get(&id)?)));
-        let Some((id, socket)) = socket.filter(|(_, s)| s.socket_type == repr.socket_type) else {
+        let Some((id, socket)) =
+            socket.filter(|(_, s)| s.socket_type == repr.socket_type && !s.done)
+        else {
             self.out.reset_reply(&repr);
             return;
         };
-        match socket.state {
-            State::Established | State::Closing if !socket.done => {}
+        let state = socket.state;
+        self.take_credit(id, &repr);
+        match state {
+            State::Established | State::Closing => {}
             State::Connecting => {
                 self.reset_socket(id);
                 self.fail_connect(id, SocketError::Protocol);
             }
             _ => self.out.reset_reply(&repr),
+        }
+    }
+
+    /// `virtio_transport_space_update`, then `sk_write_space` when there is room: any packet
+    /// may carry credit, whatever its op, so a writer waiting for it is woken.
+    fn take_credit(&mut self, id: SocketId, repr: &Repr) {
+        let Some(socket) = self.sockets.get_mut(&id) else { return };
+        if socket.state == State::Listening {
+            return;
+        }
+        let before = socket.credit.send_space();
+        socket.credit.update_from_peer(repr.buf_alloc, repr.fwd_cnt);
+        if socket.credit.send_space() > before {
+            self.out.wake(id, socket);
         }
     }
 
@@ -189,8 +200,11 @@ impl Engine {
             self.out.reset_reply(&repr);
             return Disposition::Refused;
         }
+        // `__vsock_create`: a child inherits the connect timeout and the buffer sizes; its
+        // SO_ZEROCOPY and SO_RCVLOWAT start at the defaults.
         let mut options: Options = parent.options;
         options.zerocopy = false;
+        options.rcvlowat = 1;
         let child = self.accept_child(repr, options);
         if let Some(parent) = self.sockets.get_mut(&listener) {
             if let Some(listen) = parent.listen.as_mut() {
@@ -222,7 +236,7 @@ impl Engine {
         // `open` only fails at the socket limit, which the caller has checked.
         let id = self.open(socket_type).unwrap_or_else(|_| unreachable!("socket limit checked"));
         if let Some(socket) = self.sockets.get_mut(&id) {
-            *socket = Socket::new(socket_type, options, self.config.notification_limit);
+            *socket = Socket::new(socket_type, options, self.config.notification_limit, true);
         }
         id
     }
@@ -292,10 +306,9 @@ impl Engine {
         if socket.orphan || (repr.len == 0 && socket.socket_type == SocketType::Stream) {
             return Disposition::Dropped;
         }
-        let flags = match socket.socket_type {
-            SocketType::Stream => SeqFlags::empty(),
-            SocketType::Seqpacket => repr.seq_flags(),
-        };
+        // Linux keeps the flags of STREAM packets too: a STREAM packet marked EOM is counted
+        // and never merged or collapsed (`virtio_transport_recv_enqueue`).
+        let flags = repr.seq_flags();
         match socket.rx.enqueue(&mut socket.credit, packet.payload, flags, packet.pinned) {
             Ok(()) => {}
             Err(Overrun::Credit) => return self.reset_violation(id, SocketError::CreditExceeded),
@@ -317,6 +330,9 @@ impl Engine {
             self.out.wake(id, socket);
             if socket.orphan {
                 self.remove(id);
+            } else {
+                // `vsock_remove_sock`: the peer may connect again from the same port.
+                self.unlist(id);
             }
         }
         Disposition::Violation

@@ -109,8 +109,10 @@ impl SendGrant {
 pub struct SendRequest {
     /// Bytes of the message not yet sent.
     pub remaining: usize,
-    /// No byte of this message has been sent by an earlier pass (`iov_offset == 0`).
-    pub fresh: bool,
+    /// The pass starts where one of the caller's buffers starts (`iov_offset == 0` in
+    /// `virtio_transport_can_zcopy`): the first pass of a message, or a later one that begins
+    /// on a buffer boundary of a vectored send. Only such a pass may be zerocopy.
+    pub at_segment_start: bool,
     /// MSG_ZEROCOPY.
     pub zerocopy: bool,
     /// MSG_EOR (SEQPACKET).
@@ -215,7 +217,8 @@ impl Engine {
         let id = SocketId(self.next_socket);
         self.next_socket += 1;
         let options = Options::new(self.config.connect_timeout);
-        self.sockets.insert(id, Socket::new(socket_type, options, self.config.notification_limit));
+        let socket = Socket::new(socket_type, options, self.config.notification_limit, false);
+        self.sockets.insert(id, socket);
         Ok(id)
     }
 
@@ -321,6 +324,8 @@ impl Engine {
         socket.local = Some(local);
         socket.remote = Some(remote);
         socket.state = State::Connecting;
+        socket.assign_transport();
+        socket.credit.buf_alloc = socket.options.clamp_buffer_size(true);
         socket.error = None;
         socket.done = false;
         socket.peer_shutdown = ShutdownFlags::empty();
@@ -353,9 +358,8 @@ impl Engine {
             return Err(ShutdownError::NotConnected);
         }
         socket.shutdown |= how;
-        if socket.state == State::Established && !socket.done {
-            self.out.send(socket, Op::Shutdown, how.bits(), Payload::new());
-        }
+        // `vsock_shutdown` tells the peer in any connected or connecting state.
+        self.out.send(socket, Op::Shutdown, how.bits(), Payload::new());
         self.out.wake(id, socket);
         Ok(())
     }
@@ -363,41 +367,42 @@ impl Engine {
     /// The application is done with the socket (`close()`). Connections close gracefully in
     /// the background: SHUTDOWN now, and RST when the peer answers or the close timeout passes.
     pub fn close(&mut self, now: Instant, id: SocketId) {
-        let Some(socket) = self.sockets.get_mut(&id).filter(|s| !s.orphan) else { return };
+        let Some(socket) = self.sockets.get(&id).filter(|s| !s.orphan) else { return };
         match socket.state {
-            State::Listening => self.close_listener(id),
-            State::Established | State::Closing if !socket.done => {
-                if socket.peer_shutdown == ShutdownFlags::all() {
-                    self.out.send(socket, Op::Rst, 0, Payload::new());
-                    self.remove(id);
-                    return;
-                }
-                // `virtio_transport_close`: SHUTDOWN(RCV|SEND) unless both were already sent.
-                if socket.shutdown != ShutdownFlags::all() {
-                    self.out.send(
-                        socket,
-                        Op::Shutdown,
-                        ShutdownFlags::all().bits(),
-                        Payload::new(),
-                    );
-                }
-                socket.shutdown = ShutdownFlags::all();
-                socket.orphan = true;
-                socket.rx = Default::default();
-                let deadline = now + self.config.close_timeout;
-                self.set_timer(id, Some(deadline));
-            }
+            State::Listening => self.close_listener(now, id),
+            State::Established | State::Closing => self.close_connection(now, id),
             _ => self.remove(id),
         }
     }
 
-    fn close_listener(&mut self, id: SocketId) {
+    /// `virtio_transport_close`: RST at once if the peer already shut both ways (a reset counts:
+    /// it sets both), else SHUTDOWN(RCV|SEND) unless both were sent, and an orphan that the
+    /// peer's RST or the close timeout removes. The orphan drops its unread data at once.
+    fn close_connection(&mut self, now: Instant, id: SocketId) {
+        let Some(socket) = self.sockets.get_mut(&id) else { return };
+        if socket.peer_shutdown == ShutdownFlags::all() {
+            self.out.send(socket, Op::Rst, 0, Payload::new());
+            self.remove(id);
+            return;
+        }
+        if socket.shutdown != ShutdownFlags::all() {
+            self.out.send(socket, Op::Shutdown, ShutdownFlags::all().bits(), Payload::new());
+        }
+        socket.shutdown = ShutdownFlags::all();
+        socket.orphan = true;
+        socket.parent = None;
+        socket.rx = Default::default();
+        socket.credit.drop_unread();
+        let deadline = now + self.config.close_timeout;
+        self.set_timer(id, Some(deadline));
+    }
+
+    /// `__vsock_release` of a listener: connections not yet accepted are closed as if their
+    /// application had closed them.
+    fn close_listener(&mut self, now: Instant, id: SocketId) {
         let pending = self.sockets.get_mut(&id).and_then(|s| s.listen.take()).unwrap_or_default();
         for child in pending.pending {
-            if let Some(socket) = self.sockets.get_mut(&child) {
-                self.out.send(socket, Op::Rst, 0, Payload::new());
-            }
-            self.remove(child);
+            self.close_connection(now, child);
         }
         self.remove(id);
     }
@@ -461,7 +466,7 @@ impl Engine {
     ) -> Result<SendGrant, SendError> {
         let config_zerocopy = self.config.zerocopy;
         let socket = socket_mut!(self, id, SendError::UnknownSocket);
-        if let Some(error) = socket.send_blocked_by() {
+        if let Some(error) = socket.send_refused() {
             return Err(error);
         }
         if request.zerocopy && !config_zerocopy {
@@ -473,21 +478,25 @@ impl Engine {
         if request.remaining == 0 {
             return Ok(empty);
         }
-        if seqpacket && request.fresh && request.remaining > socket.credit.message_limit() as usize
-        {
+        // The send loop: an error ends the wait for space; no space is EAGAIN; then, on every
+        // pass, `virtio_transport_seqpacket_enqueue` refuses a rest larger than the buffers.
+        if let Some(error) = socket.error {
+            return Err(SendError::Failed(error));
+        }
+        if socket.credit.send_space() == 0 {
+            return Err(SendError::WouldBlock);
+        }
+        if seqpacket && request.remaining > socket.credit.message_limit() as usize {
             return Err(SendError::MessageTooLong);
         }
         let want = u32::try_from(request.remaining.min(request.max_pass)).unwrap_or(u32::MAX);
         let granted = socket.credit.reserve(want);
-        if granted == 0 {
-            return Err(SendError::WouldBlock);
-        }
         let zerocopy = if request.zerocopy && socket.options.zerocopy {
             let Ok(pass_id) = socket.ledger.allocate() else {
                 socket.credit.unreserve(granted);
                 return Err(SendError::NotificationBudget);
             };
-            let whole = request.fresh && request.remaining <= granted as usize;
+            let whole = request.at_segment_start && request.remaining <= granted as usize;
             Some(ZerocopyPass { id: pass_id, copied: !whole })
         } else {
             None
@@ -557,6 +566,11 @@ impl Engine {
     /// STREAM: [`Engine::recv`] that waits (`WouldBlock`) until `min` bytes are queued, unless
     /// no more can come (end of stream, an error, a shutdown), when it hands out what there is.
     /// This is readability under SO_RCVLOWAT, for callers that read once per wake-up.
+    ///
+    /// In `__vsock_connectible_recvmsg`'s order: a socket not connected reads end of stream if
+    /// the peer closed it (`SOCK_DONE`), else ENOTCONN; then SHUT_RD and a zero-length read give
+    /// end of stream; then queued data; then the socket's error, which stays (a STREAM read
+    /// reports it again and again, as Linux's `sk_err` is not cleared by reads).
     pub fn recv_at_least(
         &mut self,
         id: SocketId,
@@ -572,14 +586,10 @@ impl Engine {
             position: 0,
             message: false,
         };
-        if max == 0 {
-            return match socket.state {
-                State::Established | State::Closing => Ok(end_of_stream),
-                _ if socket.done => Ok(end_of_stream),
-                _ => Err(RecvError::NotConnected),
-            };
+        if socket.state != State::Established {
+            return if socket.done { Ok(end_of_stream) } else { Err(RecvError::NotConnected) };
         }
-        if socket.shutdown.contains(ShutdownFlags::RECEIVE) {
+        if socket.shutdown.contains(ShutdownFlags::RECEIVE) || max == 0 {
             return Ok(end_of_stream);
         }
         let ending = socket.error.is_some()
@@ -595,28 +605,34 @@ impl Engine {
         if let Some(lease) = lease {
             return Ok(lease);
         }
-        if let Some(error) = socket.error.take() {
+        if let Some(error) = socket.error {
             return Err(RecvError::Failed(error));
         }
-        if socket.done || socket.peer_shutdown.contains(ShutdownFlags::SEND) {
+        if ending {
             return Ok(end_of_stream);
         }
-        match socket.state {
-            State::Established => Err(RecvError::WouldBlock),
-            _ => Err(RecvError::NotConnected),
-        }
+        Err(RecvError::WouldBlock)
     }
 
     /// How many bytes a blocking STREAM read of `len` bytes gathers before it returns
-    /// (`sock_rcvlowat`: SO_RCVLOWAT, at most `len`, at least 1). ENOMEM when that is not below
-    /// the buffer size, as `__vsock_stream_recvmsg` refuses a target the queue can never hold.
-    pub fn recv_target(&self, id: SocketId, len: usize) -> Result<usize, RecvError> {
+    /// (`sock_rcvlowat`: SO_RCVLOWAT, at most `len`, at least 1); `None` when the read returns
+    /// without looking at data (not connected, SHUT_RD, zero length). ENOMEM when the target is
+    /// not below the buffer size, as `__vsock_stream_recvmsg` refuses a target the queue can
+    /// never hold (peeks included).
+    pub fn recv_target(&self, id: SocketId, len: usize) -> Result<Option<usize>, RecvError> {
         let socket = socket_ref!(self, id, RecvError::UnknownSocket);
+        if socket.state != State::Established
+            || socket.shutdown.contains(ShutdownFlags::RECEIVE)
+            || len == 0
+            || socket.socket_type != SocketType::Stream
+        {
+            return Ok(None);
+        }
         let target = (socket.options.rcvlowat as usize).min(len).max(1);
         if target as u64 >= u64::from(socket.credit.buf_alloc) {
             return Err(RecvError::TargetExceedsBuffer);
         }
-        Ok(target)
+        Ok(Some(target))
     }
 
     /// Consumes a lease from [`Engine::recv`] and sends CREDIT_UPDATE where Linux would.
@@ -637,9 +653,6 @@ impl Engine {
         };
         if update && socket.state == State::Established && !socket.done {
             self.out.send(socket, Op::CreditUpdate, 0, Payload::new());
-        }
-        if socket.done && !socket.has_unread_bytes() {
-            socket.state = State::Closing;
         }
         self.poll_completions();
     }

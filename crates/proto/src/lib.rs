@@ -62,7 +62,7 @@
 //! assert_eq!(engine.connect_result(client), Ok(true));
 //! let server = engine.accept(listener).unwrap();
 //!
-//! let request = SendRequest { remaining: 5, fresh: true, zerocopy: false, eor: false, max_pass: usize::MAX };
+//! let request = SendRequest { remaining: 5, at_segment_start: true, zerocopy: false, eor: false, max_pass: usize::MAX };
 //! let grant = engine.begin_send(client, request).unwrap();
 //! engine.finish_send(grant, Payload::from(b"hello".to_vec())).unwrap();
 //! pump(&mut engine);

@@ -68,13 +68,13 @@ impl Engine {
         change: impl FnOnce(&mut Options),
     ) -> Result<u64, OptionError> {
         let socket = socket_mut!(self, id, OptionError::UnknownSocket);
+        let before = socket.options.buffer_size;
         change(&mut socket.options);
-        let buf_alloc = socket.options.clamp_buffer_size();
-        if buf_alloc != socket.credit.buf_alloc {
-            socket.credit.buf_alloc = buf_alloc;
-            if socket.state == State::Established && !socket.done {
-                self.out.send(socket, Op::CreditUpdate, 0, Payload::new());
-            }
+        socket.credit.buf_alloc = socket.options.clamp_buffer_size(socket.transport);
+        // `vsock_update_buffer_size`: a changed size is announced once there is a transport,
+        // whatever the state (connecting included).
+        if socket.options.buffer_size != before && socket.transport {
+            self.out.send(socket, Op::CreditUpdate, 0, Payload::new());
         }
         Ok(socket.options.buffer_size)
     }
@@ -105,9 +105,8 @@ impl Engine {
             return Err(OptionError::InvalidValue);
         }
         socket.options.rcvlowat = bytes.max(1);
-        if socket.state == State::Established
-            && socket.credit.update_due_for_rcvlowat(socket.options.rcvlowat)
-        {
+        // `virtio_transport_notify_set_rcvlowat` looks at the value as given (0 stays 0).
+        if socket.state == State::Established && socket.credit.update_due_for_rcvlowat(bytes) {
             self.out.send(socket, Op::CreditUpdate, 0, Payload::new());
         }
         Ok(())

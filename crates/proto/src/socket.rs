@@ -63,11 +63,15 @@ impl Options {
     }
 
     /// `vsock_update_buffer_size`: raise to `min`, then lower to `max` (so with `min > max`,
-    /// `max` wins), then into the wire's `u32` (`virtio_transport_notify_buffer_size`).
-    pub(crate) fn clamp_buffer_size(&mut self) -> u32 {
+    /// `max` wins); once the socket has a transport, also into the wire's `u32`
+    /// (`virtio_transport_notify_buffer_size`, `virtio_transport_do_socket_init`). Returns the
+    /// `buf_alloc` to advertise.
+    pub(crate) fn clamp_buffer_size(&mut self, transport: bool) -> u32 {
         self.buffer_size = self.buffer_size.max(self.buffer_min).min(self.buffer_max);
-        self.buffer_size = self.buffer_size.min(MAX_BUFFER_SIZE);
-        u32::try_from(self.buffer_size).unwrap_or(u32::MAX)
+        if transport {
+            self.buffer_size = self.buffer_size.min(MAX_BUFFER_SIZE);
+        }
+        u32::try_from(self.buffer_size.min(MAX_BUFFER_SIZE)).unwrap_or(u32::MAX)
     }
 }
 
@@ -101,6 +105,8 @@ pub(crate) struct Socket {
     pub(crate) ledger: Ledger,
     pub(crate) deadline: Option<Instant>,
     pub(crate) wake_queued: bool,
+    /// Tied to a transport (`vsk->transport`): connected once, or accepted.
+    pub(crate) transport: bool,
 }
 
 impl Socket {
@@ -108,9 +114,10 @@ impl Socket {
         socket_type: SocketType,
         options: Options,
         notification_limit: u32,
+        transport: bool,
     ) -> Socket {
         let mut options = options;
-        let buf_alloc = options.clamp_buffer_size();
+        let buf_alloc = options.clamp_buffer_size(transport);
         Socket {
             socket_type,
             state: State::Unconnected,
@@ -130,7 +137,15 @@ impl Socket {
             ledger: Ledger::new(notification_limit),
             deadline: None,
             wake_queued: false,
+            transport,
         }
+    }
+
+    /// The socket is tied to a transport (it connected, or was accepted): from now on its
+    /// buffer size is also a `u32` (`virtio_transport_do_socket_init`).
+    pub(crate) fn assign_transport(&mut self) {
+        self.transport = true;
+        self.options.buffer_size = self.options.buffer_size.min(MAX_BUFFER_SIZE);
     }
 
     pub(crate) fn has_unread(&self) -> bool {
@@ -140,20 +155,24 @@ impl Socket {
         }
     }
 
-    /// Whether this side may send now, ignoring credit (EPIPE / ENOTCONN otherwise).
-    pub(crate) fn send_blocked_by(&self) -> Option<crate::SendError> {
+    /// What `vsock_connectible_sendmsg` refuses before it looks at credit: EPIPE, then
+    /// ENOTCONN.
+    pub(crate) fn send_refused(&self) -> Option<crate::SendError> {
         if self.shutdown.contains(ShutdownFlags::SEND)
             || self.peer_shutdown.contains(ShutdownFlags::RECEIVE)
         {
             return Some(crate::SendError::BrokenPipe);
         }
-        if let Some(error) = self.error {
-            return Some(crate::SendError::Failed(error));
-        }
         if self.state != State::Established {
             return Some(crate::SendError::NotConnected);
         }
         None
+    }
+
+    /// Whether this side may send now, ignoring credit: [`Socket::send_refused`], then the
+    /// socket's error.
+    pub(crate) fn send_blocked_by(&self) -> Option<crate::SendError> {
+        self.send_refused().or(self.error.map(crate::SendError::Failed))
     }
 
     /// `vsock_stream_has_data`: unread bytes, whole messages or not. Linux asks this (not

@@ -66,7 +66,7 @@ impl Host {
     fn send(&mut self, id: SocketId, data: &[u8], zerocopy: bool) -> Result<SendGrant, SendError> {
         let request = SendRequest {
             remaining: data.len(),
-            fresh: true,
+            at_segment_start: true,
             zerocopy,
             eor: false,
             max_pass: usize::MAX,
@@ -360,7 +360,7 @@ fn data_is_split_at_64k_with_eom_and_eor_on_the_last_packet() {
     let data = vec![9u8; 150_000];
     let request = SendRequest {
         remaining: data.len(),
-        fresh: true,
+        at_segment_start: true,
         zerocopy: false,
         eor: true,
         max_pass: usize::MAX,
@@ -444,7 +444,7 @@ fn zerocopy_message_larger_than_credit_is_copied_over_several_ids() {
     host.deliver(Repr { buf_alloc: 100, ..stream(Op::CreditUpdate) }, &[]);
     let request = SendRequest {
         remaining: 150,
-        fresh: true,
+        at_segment_start: true,
         zerocopy: true,
         eor: false,
         max_pass: usize::MAX,
@@ -455,7 +455,7 @@ fn zerocopy_message_larger_than_credit_is_copied_over_several_ids() {
     host.deliver(Repr { buf_alloc: 100, fwd_cnt: 100, ..stream(Op::CreditUpdate) }, &[]);
     let request = SendRequest {
         remaining: 50,
-        fresh: false,
+        at_segment_start: false,
         zerocopy: true,
         eor: false,
         max_pass: usize::MAX,
@@ -567,19 +567,6 @@ fn raising_rcvlowat_above_unread_bytes_sends_credit_update() {
     let update = host.sent();
     assert_eq!((update[0].repr.op, update[0].repr.fwd_cnt), (Op::CreditUpdate, 1000));
     assert_eq!(host.engine.set_rcvlowat(child, 1 << 30), Err(OptionError::InvalidValue));
-}
-
-#[test]
-fn closing_a_listener_resets_connections_not_yet_accepted() {
-    let mut host = Host::new();
-    let listener = host.listener(SocketType::Stream, 8);
-    host.deliver(stream(Op::Request), &[]);
-    host.sent();
-    host.engine.close(host.now, listener);
-    let rst = host.sent();
-    assert_eq!(rst.len(), 1);
-    assert_eq!((rst[0].repr.op, rst[0].repr.dst), (Op::Rst, Addr::new(GUEST, GUEST_PORT)));
-    assert_eq!(host.engine.socket_count(), 0);
 }
 
 #[test]
@@ -809,4 +796,239 @@ fn seqpacket_messages_beyond_the_queue_bound_reset_the_connection() {
         host.engine.commit_recv(child, lease);
     }
     assert_eq!(host.engine.recv(child, 512), Err(RecvError::Failed(SocketError::CreditExceeded)));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Review tests (kernel 6.12.117 comparison). Each one fails on the current engine and states
+// what Linux does; file:line refer to /work/ksrc/linux/net/vmw_vsock.
+// ---------------------------------------------------------------------------------------------
+
+/// virtio_transport_common.c:1848 (`virtio_transport_recv_pkt`) takes the header's credit
+/// (`virtio_transport_space_update`) for every packet that reaches a socket, before the state
+/// switch and whatever its op; only then does `virtio_transport_recv_connected` drop the unknown
+/// op (`default:`, line 1642).
+#[test]
+fn unknown_op_still_carries_credit() {
+    let mut host = Host::new();
+    let child = host.established(SocketType::Stream);
+    host.deliver(Repr { buf_alloc: 100, ..stream(Op::CreditUpdate) }, &[]);
+    let grant = host.send(child, &[0u8; 100], false).unwrap();
+    host.engine.finish_send(grant, Payload::from(vec![0u8; 100])).unwrap();
+    host.sent();
+    woken(&mut host);
+    assert_eq!(host.engine.send_space(child), 0);
+    let bytes = guest_bytes(Repr { buf_alloc: 100, fwd_cnt: 100, ..stream(Op::CreditUpdate) }, 99);
+    let _ = host.engine.handle_bytes(host.now, &bytes, Payload::new());
+    assert!(host.sent().is_empty(), "dropped without reply, as before");
+    assert_eq!(host.engine.send_space(child), 100, "the unknown op's fwd_cnt counts");
+    assert_eq!(woken(&mut host), [child], "sk_write_space");
+}
+
+/// af_vsock.c:1110-1127 (`vsock_shutdown`): a socket in SS_CONNECTING may shut down, and the
+/// SHUTDOWN goes out at once (`vsock_send_shutdown` -> `virtio_transport_shutdown`, which
+/// `send_pkt_info` sends in any state). It reaches the peer's child after the REQUEST.
+#[test]
+fn shutdown_while_connecting_reaches_the_peer() {
+    let mut host = Host::new();
+    let id = connecting(&mut host);
+    let request = host.sent().remove(0);
+    host.engine.shutdown(id, ShutdownFlags::SEND).unwrap();
+    let mut sent = host.sent();
+    host.deliver(reply_to(&request, Op::Response), &[]);
+    assert_eq!(host.engine.connect_result(id), Ok(true));
+    sent.extend(host.sent());
+    let shutdowns: Vec<u32> =
+        sent.iter().filter(|p| p.repr.op == Op::Shutdown).map(|p| p.repr.flags).collect();
+    assert_eq!(shutdowns, [ShutdownFlags::SEND.bits()], "the peer must learn of SHUT_WR");
+}
+
+/// af_vsock.c:1850-1851 (`vsock_update_buffer_size`) calls `notify_buffer_size` whenever the value
+/// changes and a transport is assigned, which it is from connect() on;
+/// virtio_transport_common.c:1093 then sends CREDIT_UPDATE in any state (SYN_SENT included).
+#[test]
+fn buffer_size_changed_while_connecting_is_advertised() {
+    let mut host = Host::new();
+    let id = connecting(&mut host);
+    let request = host.sent().remove(0);
+    host.engine.set_buffer_size(id, 4096).unwrap();
+    let mut sent = host.sent();
+    host.deliver(reply_to(&request, Op::Response), &[]);
+    sent.extend(host.sent());
+    assert!(
+        sent.iter().any(|p| p.repr.buf_alloc == 4096),
+        "the peer still believes buf_alloc = {}",
+        request.repr.buf_alloc
+    );
+    // (Today the peer then sends up to 256 KiB and the 4 KiB buffer resets it: ENOBUFS.)
+}
+
+/// af_vsock.c:824 (`__vsock_create` -> `sock_init_data`, which sets `sk_rcvlowat = 1`) for the
+/// child made by `virtio_transport_recv_listen` (virtio_transport_common.c:1731,
+/// `vsock_create_connected`); lines 854-860 copy only connect timeout and buffer sizes from the
+/// listener.
+#[test]
+fn accepted_socket_does_not_inherit_rcvlowat() {
+    let mut host = Host::new();
+    let listener = host.listener(SocketType::Stream, 8);
+    host.engine.set_rcvlowat(listener, 100).unwrap();
+    host.deliver(stream(Op::Request), &[]);
+    let child = host.engine.accept(listener).unwrap();
+    assert_eq!(host.engine.rcvlowat(child), Ok(1));
+}
+
+/// virtio_transport_common.c:1543-1544 and 442 (`virtio_transport_recv_enqueue`,
+/// `virtio_transport_can_collapse`) look at VIRTIO_VSOCK_SEQ_EOM whatever the socket type: a
+/// STREAM peer that sets EOM on its RW packets gets packets that are never collapsed (nor merged
+/// onto), so the queue bound resets the connection (line 1601, ENOBUFS).
+#[test]
+fn stream_packets_with_eom_are_not_collapsed() {
+    let mut host = Host::new();
+    let child = host.established(SocketType::Stream);
+    host.engine.set_buffer_size(child, 4 * 576).unwrap();
+    host.sent();
+    let rw = Repr { flags: SeqFlags::EOM.bits(), ..stream(Op::Rw) };
+    for _ in 0..4 {
+        assert_eq!(host.deliver(rw, &[7u8; 200]), Disposition::Delivered);
+    }
+    assert_eq!(host.deliver(rw, &[7u8; 200]), Disposition::QueueFull);
+}
+
+/// virtio_transport_common.c:1600-1601 and 1395-1396: a credit overrun with nothing queued leaves
+/// the socket in TCP_CLOSING with SOCK_DONE, and af_vsock.c:2411-2418
+/// (`__vsock_connectible_recvmsg`) answers any read of a non-ESTABLISHED, SOCK_DONE socket with 0;
+/// ENOBUFS is seen only through SO_ERROR / POLLERR.
+#[test]
+fn read_after_overrun_with_empty_queue_is_end_of_stream() {
+    let mut host = Host::new();
+    let child = host.established(SocketType::Stream);
+    host.engine.set_buffer_size(child, 4096).unwrap();
+    host.sent();
+    assert_eq!(host.deliver(stream(Op::Rw), &[0u8; 4097]), Disposition::Violation);
+    assert_eq!(host.ops(), [Op::Rst]);
+    assert_eq!(host.engine.recv(child, 16).map(|l| l.len()), Ok(0));
+}
+
+/// af_vsock.c:2329 (`__vsock_stream_recvmsg`) reads `sk->sk_err` without clearing it, and a socket
+/// reset with data queued stays TCP_ESTABLISHED after the data is read (no code moves it on), so
+/// every later read returns ENOBUFS again until SO_ERROR clears it.
+#[test]
+fn overrun_error_persists_on_later_stream_reads() {
+    let mut host = Host::new();
+    let child = host.established(SocketType::Stream);
+    host.engine.set_buffer_size(child, 4096).unwrap();
+    host.sent();
+    host.deliver(stream(Op::Rw), &[0u8; 4096]);
+    assert_eq!(host.deliver(stream(Op::Rw), &[0u8; 1]), Disposition::Violation);
+    let lease = host.engine.recv(child, 8192).unwrap();
+    host.engine.commit_recv(child, lease);
+    let error = Err(RecvError::Failed(SocketError::CreditExceeded));
+    assert_eq!(host.engine.recv(child, 1).map(|l| l.len()), error);
+    assert_eq!(host.engine.recv(child, 1).map(|l| l.len()), error, "sk_err is not cleared");
+}
+
+/// af_vsock.c:2099-2106 (`vsock_connectible_sendmsg`) waits for space (EAGAIN when non-blocking)
+/// before it calls `seqpacket_enqueue` (line 2156), whose EMSGSIZE check
+/// (virtio_transport_common.c:978) therefore comes only once there is credit.
+#[test]
+fn oversized_seqpacket_message_without_credit_would_block_first() {
+    let mut host = Host::new();
+    let child = host.established(SocketType::Seqpacket);
+    host.deliver(Repr { buf_alloc: 1000, ..guest(Op::CreditUpdate, SocketType::Seqpacket) }, &[]);
+    let grant = host.send(child, &[0u8; 1000], false).unwrap();
+    host.engine.finish_send(grant, Payload::from(vec![0u8; 1000])).unwrap();
+    assert_eq!(host.engine.send_space(child), 0);
+    assert_eq!(host.send(child, &[0u8; 1001], false), Err(SendError::WouldBlock));
+}
+
+/// virtio_transport_common.c:1433-1435 (`virtio_transport_close`): a socket whose peer has shut
+/// both ways, which every SOCK_DONE socket has (`do_close`, line 1394), answers close() with RST
+/// even when the peer already reset it.
+#[test]
+fn close_after_peer_reset_sends_rst() {
+    let mut host = Host::new();
+    let child = host.established(SocketType::Stream);
+    host.deliver(stream(Op::Rst), &[]);
+    assert!(host.sent().is_empty());
+    host.engine.close(host.now, child);
+    assert_eq!(host.ops(), [Op::Rst]);
+}
+
+/// virtio_transport_common.c:773 (`virtio_transport_stream_do_dequeue`): `free_space = buf_alloc -
+/// fwd_cnt_delta` is u32 arithmetic; after the buffer shrank below the bytes consumed since the
+/// last update it wraps, is not < 64 KiB, and no CREDIT_UPDATE is sent (unless rx_bytes <
+/// SO_RCVLOWAT).
+#[test]
+fn credit_update_after_shrink_follows_linux_u32_wrap() {
+    let mut host = Host::new();
+    let child = host.established(SocketType::Stream);
+    for len in [65536usize, 65536, 10_000] {
+        assert_eq!(host.deliver(stream(Op::Rw), &vec![1u8; len]), Disposition::Delivered);
+    }
+    let lease = host.engine.recv(child, 65536).unwrap();
+    host.engine.commit_recv(child, lease);
+    assert!(host.sent().is_empty(), "192 KiB still advertised free");
+    host.engine.set_buffer_size(child, 40 * 1024).unwrap();
+    assert_eq!(host.ops(), [Op::CreditUpdate]);
+    let lease = host.engine.recv(child, 65536).unwrap();
+    host.engine.commit_recv(child, lease);
+    assert!(host.sent().is_empty(), "40 KiB - 64 KiB wraps in u32: no update");
+}
+
+/// virtio_transport_common.c:1603 (`virtio_transport_recv_connected`, RW that cannot be queued):
+/// after RST + ENOBUFS the socket is removed from the connected table (`vsock_remove_sock`), so
+/// the peer may connect again from the same port at once.
+#[test]
+fn socket_reset_for_overrun_frees_the_peer_port() {
+    let mut host = Host::new();
+    let child = host.established(SocketType::Stream);
+    host.engine.set_buffer_size(child, 4096).unwrap();
+    host.sent();
+    assert_eq!(host.deliver(stream(Op::Rw), &[0u8; 4097]), Disposition::Violation);
+    assert_eq!(host.ops(), [Op::Rst]);
+    assert_eq!(host.deliver(stream(Op::Request), &[]), Disposition::Delivered);
+    assert_eq!(host.ops(), [Op::Response]);
+}
+
+/// virtio_transport_common.c:1622-1625: SHUTDOWN(RCV|SEND) on a socket with nothing unread is
+/// answered with RST; with data kept (Linux keeps an orphan's data) the close timeout (line 1411)
+/// sends the RST instead.
+#[test]
+fn orphan_that_dropped_unread_data_still_answers_shutdown_with_rst() {
+    let mut host = Host::new();
+    let child = host.established(SocketType::Stream);
+    host.deliver(stream(Op::Rw), b"unread");
+    host.engine.close(host.now, child);
+    assert_eq!(host.ops(), [Op::Shutdown]);
+    host.deliver(Repr { flags: 3, ..stream(Op::Shutdown) }, &[]);
+    let mut ops = host.ops();
+    host.advance(CLOSE_TIMEOUT);
+    ops.extend(host.ops());
+    assert_eq!(ops, [Op::Rst], "an RST at once, or at the close timeout");
+}
+
+/// af_vsock.c:912-915 (`__vsock_release` of a listener releases each connection still in the
+/// accept queue) -> virtio_transport_common.c:1438-1439 (`virtio_transport_close`): an ESTABLISHED
+/// child is closed gracefully, SHUTDOWN(RCV|SEND) and the close timeout.
+#[test]
+fn closing_a_listener_shuts_down_unaccepted_connections_gracefully() {
+    let mut host = Host::new();
+    let listener = host.listener(SocketType::Stream, 8);
+    host.deliver(stream(Op::Request), &[]);
+    host.sent();
+    host.engine.close(host.now, listener);
+    let sent: Vec<(Op, u32)> = host.sent().iter().map(|p| (p.repr.op, p.repr.flags)).collect();
+    assert_eq!(sent, [(Op::Shutdown, ShutdownFlags::all().bits())]);
+}
+
+/// af_vsock.c:1839-1853 (`vsock_update_buffer_size`): without a transport (not yet connecting) the
+/// value is stored as clamped to [min, max] only; the u32 clamp is
+/// `virtio_transport_notify_buffer_size` / `do_socket_init` (virtio_transport_common.c:1088,
+/// 1069), applied once a transport is assigned.
+#[test]
+fn buffer_size_of_an_unconnected_socket_is_not_clamped_to_u32() {
+    let mut host = Host::new();
+    let id = host.engine.open(SocketType::Stream).unwrap();
+    host.engine.set_buffer_max_size(id, 1 << 33).unwrap();
+    host.engine.set_buffer_size(id, 1 << 33).unwrap();
+    assert_eq!(host.engine.buffer_sizes(id).map(|s| s.0), Ok(1 << 33));
 }

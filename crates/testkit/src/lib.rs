@@ -309,7 +309,7 @@ impl Sim {
         }
         let request = SendRequest {
             remaining: size,
-            fresh: true,
+            at_segment_start: true,
             zerocopy,
             eor: false,
             max_pass: usize::MAX,

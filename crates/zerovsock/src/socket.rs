@@ -35,6 +35,23 @@ impl Source<'_> {
         }
     }
 
+    /// Whether byte `offset` starts one of the caller's buffers (`iov_offset == 0`).
+    fn starts_segment(&self, offset: usize) -> bool {
+        match self {
+            Source::Borrowed(_) => offset == 0,
+            Source::Shared(payload) => {
+                let mut at = 0;
+                for segment in payload.segments() {
+                    if at >= offset {
+                        return at == offset;
+                    }
+                    at += segment.len();
+                }
+                at == offset
+            }
+        }
+    }
+
     /// `len` bytes from `start`, copied into a pooled buffer.
     fn copy(&self, pool: &Arc<BufferPool>, start: usize, len: usize) -> Payload {
         let bytes = pool.filled(len, |buffer| match self {
@@ -173,12 +190,18 @@ impl Inner {
     }
 
     /// The pass request for the rest of a message.
-    fn request(total: usize, sent: usize, zerocopy: bool, eor: bool) -> SendRequest {
+    fn request(source: &Source<'_>, sent: usize, zerocopy: bool, eor: bool) -> SendRequest {
         // Copy-mode messages go out in passes of a few packets, so the receiver reads the
         // first while the rest is still being copied (Linux hands each skb over as it is
         // filled). Zerocopy passes take all the credit there is, as Linux's do.
         let max_pass = if zerocopy { usize::MAX } else { COPY_PASS };
-        SendRequest { remaining: total - sent, fresh: sent == 0, zerocopy, eor, max_pass }
+        SendRequest {
+            remaining: source.len() - sent,
+            at_segment_start: source.starts_segment(sent),
+            zerocopy,
+            eor,
+            max_pass,
+        }
     }
 
     fn try_pass(&self, engine: &mut Engine, request: SendRequest) -> io::Result<Option<SendGrant>> {
@@ -215,7 +238,7 @@ impl Inner {
         let deadline = lock(&self.write_timeout).map(|t| Instant::now() + t);
         let mut sent = 0;
         loop {
-            let request = Inner::request(total, sent, zerocopy, eor);
+            let request = Inner::request(&source, sent, zerocopy, eor);
             let pass = self
                 .shared
                 .wait(&self.waiter, self.nonblocking(), deadline, |engine, _| {
@@ -264,15 +287,14 @@ impl Inner {
     pub(crate) fn recv(&self, buf: &mut [u8], peek: bool) -> io::Result<RecvMeta> {
         let _turn = self.recv_turn.take();
         let deadline = lock(&self.read_timeout).map(|t| Instant::now() + t);
-        let gather = !peek && !buf.is_empty() && self.socket_type == SocketType::Stream;
-        // The SO_RCVLOWAT target is read under the lock of the first attempt: one engine lock
-        // per lease, as before there was a target.
-        let mut target = None;
+        // The SO_RCVLOWAT target is read under the lock of the first attempt (one engine lock
+        // per lease); a peek is refused the same ENOMEM but never gathers.
+        let mut target: Option<Option<usize>> = None;
         let mut copied = 0;
         loop {
             let max = buf.len() - copied;
             let lease = self.shared.wait(&self.waiter, self.nonblocking(), deadline, |e, _| {
-                if gather && target.is_none() {
+                if target.is_none() {
                     target = Some(e.recv_target(self.id, max).map_err(error::recv)?);
                 }
                 self.try_recv(e, 1, max)
@@ -282,12 +304,12 @@ impl Inner {
                 Err(_) if copied > 0 => break,
                 Err(e) => return Err(e),
             };
-            let Some(left) = target.filter(|_| gather) else { return Ok(read) };
+            let Some(left) = target.flatten().filter(|_| !peek) else { return Ok(read) };
             copied += read.len;
             if read.len == 0 || read.len >= left || copied == buf.len() {
                 break;
             }
-            target = Some(left - read.len);
+            target = Some(Some(left - read.len));
         }
         Ok(RecvMeta { len: copied, message_len: copied, eor: false })
     }
@@ -318,7 +340,7 @@ impl Inner {
         let total = source.len();
         let stream = self.socket_type == SocketType::Stream;
         let request =
-            SendRequest { max_pass: usize::MAX, ..Inner::request(total, 0, zerocopy, eor) };
+            SendRequest { max_pass: usize::MAX, ..Inner::request(source, 0, zerocopy, eor) };
         let grant = self.shared.poll_attempt(&self.waiter, cx, |engine, _| {
             let grant = self.try_pass(engine, request)?;
             match grant {
@@ -343,12 +365,8 @@ impl Inner {
         let Poll::Ready(_turn) = self.recv_turn.poll_take(cx) else { return Poll::Pending };
         let max = buf.len();
         let lease = self.shared.poll_attempt(&self.waiter, cx, |engine, _| {
-            let min = match self.socket_type {
-                SocketType::Stream if !peek && max > 0 => {
-                    engine.recv_target(self.id, max).map_err(error::recv)?
-                }
-                _ => 1,
-            };
+            let target = engine.recv_target(self.id, max).map_err(error::recv)?;
+            let min = if peek { 1 } else { target.unwrap_or(1) };
             self.try_recv(engine, min, max)
         });
         lease.map_ok(|lease| self.finish_recv(lease, buf, peek))
