@@ -76,6 +76,11 @@ impl QueueStats {
     /// What Linux charges per queued packet (`SKB_TRUESIZE(0)` on x86-64).
     pub const PACKET_OVERHEAD: u32 = 576;
 
+    /// Packets this large are never collapsed, and collapsed packets stay below it
+    /// (`MAX_COLLAPSE_LEN` = `SKB_MAX_ORDER(44, 3)`: 32 KiB less the 44-byte header and the
+    /// 320-byte `skb_shared_info` on x86-64).
+    pub const COLLAPSE_LIMIT: u32 = 32 * 1024 - 44 - 320;
+
     /// The most packets the queue may hold (`(packets + 1) * 576 <= buf_alloc` on entry).
     pub fn packet_limit(&self) -> usize {
         (self.buf_alloc / QueueStats::PACKET_OVERHEAD) as usize

@@ -18,10 +18,8 @@ use crate::packet::Payload;
 const GOOD_COPY_LEN: u32 = 128;
 /// What Linux charges per queued packet (`SKB_TRUESIZE(0)` on x86-64); bounds the queue length.
 pub(crate) const PACKET_OVERHEAD: u32 = crate::QueueStats::PACKET_OVERHEAD;
-/// Packets this large are never collapsed, and collapsed packets stay below it
-/// (`MAX_COLLAPSE_LEN` = `SKB_MAX_ORDER(44, 3)`: 32 KiB less the 44-byte header and the
-/// 320-byte `skb_shared_info` on x86-64).
-const COLLAPSE_LIMIT: u32 = 32 * 1024 - 44 - 320;
+/// Packets this large are never collapsed (`MAX_COLLAPSE_LEN`).
+const COLLAPSE_LIMIT: u32 = crate::QueueStats::COLLAPSE_LIMIT;
 /// A small packet is copied onto the tail only while the tail stays this small, so that
 /// appending never copies much.
 const SMALL_TAIL_LIMIT: usize = 4096;

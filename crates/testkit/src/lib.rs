@@ -36,8 +36,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use zerovsock_proto::{
-    Disposition, Engine, EngineConfig, Packet, Payload, RecvError, SendError, SendRequest,
-    SocketId, State,
+    Disposition, Engine, EngineConfig, Packet, Payload, QueueStats, RecvError, SendError,
+    SendRequest, SocketId, State,
 };
 use zerovsock_wire::{Addr, Cid, Op, Port, ShutdownFlags, SocketType};
 
@@ -48,7 +48,7 @@ const LISTEN_PORTS: [Port; 2] = [Port(1234), Port(1235)];
 /// bound's thresholds (two and three 576-byte packets) and Linux's defaults.
 const BUFFER_SIZES: [u64; 8] = [1024, 1728, 2304, 4096, 16384, 65536, 262_144, 1 << 20];
 /// Collapsed packets stay below this (`MAX_COLLAPSE_LEN`); used to bound honest queue lengths.
-const COLLAPSE_LIMIT: usize = 32 * 1024 - 44 - 320;
+const COLLAPSE_LIMIT: usize = QueueStats::COLLAPSE_LIMIT as usize;
 
 fn kind(socket_type: SocketType) -> usize {
     usize::from(socket_type == SocketType::Seqpacket)
