@@ -97,7 +97,7 @@ pub use error::{
     AcceptError, BindError, ConnectError, ListenError, OpenError, OptionError, RecvError,
     SendError, ShutdownError, SocketError,
 };
-pub use packet::{Packet, Payload};
+pub use packet::{ForeignMemory, ForeignSlice, Packet, Payload, Segment};
 pub use rx::RecvLease;
 pub use socket::{SocketId, State};
 pub use zerocopy::{Completion, DEFAULT_NOTIFICATION_LIMIT};

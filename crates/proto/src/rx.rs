@@ -8,7 +8,6 @@
 
 use std::collections::VecDeque;
 
-use bytes::BytesMut;
 use zerovsock_wire::SeqFlags;
 
 use crate::credit::Credit;
@@ -66,9 +65,7 @@ impl Collapsed {
 
     /// Copies an untouched packet in; its buffers are dropped with it by the caller.
     fn take(&mut self, packet: &RxPacket) {
-        for segment in packet.data.segments() {
-            self.bytes.extend_from_slice(segment);
-        }
+        packet.data.extend_vec(&mut self.bytes);
         self.len += packet.len;
         self.flags |= packet.flags;
     }
@@ -212,10 +209,10 @@ impl RxQueue {
         {
             return false;
         }
-        let mut merged = BytesMut::with_capacity(tail.data.len() + data.len());
-        merged.extend_from_slice(&tail.data.to_vec());
-        merged.extend_from_slice(&data.to_vec());
-        tail.data = Payload::from_bytes(merged.freeze());
+        let mut merged = Vec::with_capacity(tail.data.len() + data.len());
+        tail.data.extend_vec(&mut merged);
+        data.extend_vec(&mut merged);
+        tail.data = Payload::from(merged);
         tail.len += data.len() as u32;
         tail.flags |= flags;
         true

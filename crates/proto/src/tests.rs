@@ -1032,3 +1032,70 @@ fn buffer_size_of_an_unconnected_socket_is_not_clamped_to_u32() {
     host.engine.set_buffer_size(id, 1 << 33).unwrap();
     assert_eq!(host.engine.buffer_sizes(id).map(|s| s.0), Ok(1 << 33));
 }
+
+/// Guest memory as the device hands it over: the engine queues it without copying, the reader's
+/// lease shows the same memory, and it is released (the device's chain goes back) only when the
+/// reader has consumed it.
+#[test]
+fn foreign_payload_is_queued_in_place_and_released_after_the_read() {
+    use std::sync::atomic::Ordering;
+    let mut host = Host::new();
+    let child = host.established(SocketType::Stream);
+    drop(host.sent());
+    let (memory, released) = crate::packet::tests::Guest::new(&[9u8; 4096]);
+    let repr = Repr { len: 4096, ..stream(Op::Rw) };
+    let packet = Packet::data(repr, Payload::from_foreign(memory.clone()));
+    assert_eq!(host.engine.handle_packet(host.now, packet), Disposition::Delivered);
+    drop(memory);
+    assert!(!released.load(Ordering::SeqCst), "queued data still needs the guest's memory");
+    let lease = host.engine.recv(child, 8192).unwrap();
+    let Some(Segment::Foreign(_)) = lease.payload().segments().next() else {
+        panic!("the lease must show the guest's memory, not a copy")
+    };
+    assert_eq!(lease.payload().to_vec(), vec![9u8; 4096]);
+    host.engine.commit_recv(child, lease);
+    assert!(released.load(Ordering::SeqCst), "consumed data gives the memory back");
+}
+
+/// A small packet merged into the queue's tail is copied there, so its guest memory comes back
+/// at once instead of waiting for the reader.
+#[test]
+fn small_foreign_packet_merged_into_the_tail_is_released_at_once() {
+    use std::sync::atomic::Ordering;
+    let mut host = Host::new();
+    let child = host.established(SocketType::Stream);
+    assert_eq!(
+        host.deliver(Repr { len: 10, ..stream(Op::Rw) }, &[1u8; 10]),
+        Disposition::Delivered
+    );
+    let (memory, released) = crate::packet::tests::Guest::new(&[2u8; 20]);
+    let packet = Packet::data(Repr { len: 20, ..stream(Op::Rw) }, Payload::from_foreign(memory));
+    assert_eq!(host.engine.handle_packet(host.now, packet), Disposition::Delivered);
+    assert!(released.load(Ordering::SeqCst));
+    let lease = host.engine.recv(child, 64).unwrap();
+    assert_eq!(lease.payload().to_vec(), [[1u8; 10].as_slice(), &[2u8; 20]].concat());
+}
+
+/// A zerocopy send whose buffer is foreign memory (a payload passed on as it is) completes when
+/// the transport drops the packet, as a local buffer does.
+#[test]
+fn zerocopy_pass_over_foreign_memory_completes_when_the_transport_drops_it() {
+    use std::sync::atomic::Ordering;
+    let mut host = Host::new();
+    let child = zerocopy_child(&mut host);
+    let (memory, released) = crate::packet::tests::Guest::new(b"abc");
+    let grant = host.send(child, b"abc", true).unwrap();
+    assert!(!grant.must_copy());
+    host.engine.finish_send(grant, Payload::from_foreign(memory)).unwrap();
+    let in_flight = host.sent();
+    assert!(in_flight.iter().any(|p| p.payload.has_foreign()));
+    host.engine.poll_completions();
+    assert_eq!(host.engine.recv_completion(child), Ok(None));
+    drop(in_flight);
+    assert!(released.load(Ordering::SeqCst));
+    host.engine.poll_completions();
+    assert_eq!(
+        host.engine.recv_completion(child),
+        Ok(Some(Completion { lo: 0, hi: 0, copied: false }))
+    );
+}

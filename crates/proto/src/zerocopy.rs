@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use bytes::Bytes;
 
-use crate::packet::Payload;
+use crate::packet::{ForeignMemory, Payload};
 use crate::SocketId;
 
 /// One error-queue entry: the ids `lo..=hi` have completed.
@@ -180,11 +180,30 @@ pub(crate) fn guard_payload(
     payload: Payload,
 ) -> Payload {
     let guard = Arc::new(PassGuard { sink: sink.clone(), socket, id, copied });
-    let mut out = Payload::new();
-    for segment in payload.to_bytes_segments() {
-        out.push(Bytes::from_owner(Guarded { bytes: segment, _guard: guard.clone() }));
+    payload.map_buffers(
+        |bytes| Bytes::from_owner(Guarded { bytes, _guard: guard.clone() }),
+        |memory| Arc::new(GuardedForeign { memory, _guard: guard.clone() }),
+    )
+}
+
+/// Foreign memory (say, another guest's TX buffer forwarded as it is) that keeps its pass open.
+struct GuardedForeign {
+    memory: Arc<dyn ForeignMemory>,
+    _guard: Arc<PassGuard>,
+}
+
+impl ForeignMemory for GuardedForeign {
+    fn len(&self) -> usize {
+        self.memory.len()
     }
-    out
+
+    fn read_at(&self, offset: usize, dst: &mut [u8]) {
+        self.memory.read_at(offset, dst);
+    }
+
+    fn as_ptr(&self) -> *const u8 {
+        self.memory.as_ptr()
+    }
 }
 
 #[cfg(test)]

@@ -56,11 +56,7 @@ impl Source<'_> {
     fn copy(&self, pool: &Arc<BufferPool>, start: usize, len: usize) -> Payload {
         let bytes = pool.filled(len, |buffer| match self {
             Source::Borrowed(bytes) => buffer.extend_from_slice(&bytes[start..start + len]),
-            Source::Shared(payload) => {
-                for segment in payload.slice(start, len).segments() {
-                    buffer.extend_from_slice(segment);
-                }
-            }
+            Source::Shared(payload) => payload.slice(start, len).extend_vec(buffer),
         });
         Payload::from_bytes(bytes)
     }
