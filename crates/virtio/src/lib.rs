@@ -1,0 +1,116 @@
+//! The virtio half of a virtio-vsock device, over guest memory: no sockets, no threads.
+//!
+//! * TX (driver to device): [`TxPacket::parse`] copies the 44-byte header out of a descriptor
+//!   chain once (it may be split over descriptors) and describes the payload as guest-memory
+//!   segments of a [`Payload`], over any number of descriptors (Linux sends one per page for
+//!   MSG_ZEROCOPY and for writes over 32 KiB) and through indirect tables. Nothing is copied:
+//!   the chain is given back ([`Returns`]) when the last view of the payload is dropped, by
+//!   whoever consumed it. [`TxPacket::parse_copied`] copies the payload instead and gives the
+//!   chain back at once, for when a device must not hold more chains.
+//! * RX (device to driver): [`RxBuffer`] is one chain of device-writable descriptors; it takes
+//!   one chunk of a packet, header and payload, and splits the way `vhost_transport_do_send_pkt`
+//!   does: each chunk has its own header with its own length, and SEQ_EOM / SEQ_EOR only on the
+//!   last chunk.
+//!
+//! Guest memory is hostile: every descriptor is checked against the guest's memory map, every
+//! length against its bounds, before anything is read; a chain that fails is described by a
+//! [`ChainError`] and must still be returned to the used ring by the caller (with length 0).
+//! Rust code never holds a reference into guest memory: bytes are copied with vm-memory's
+//! volatile accessors or handed to the kernel by address.
+
+#![forbid(unsafe_code)]
+
+mod chain;
+mod rx;
+mod tx;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+pub use chain::ChainError;
+pub use rx::{RxBuffer, RxChunk};
+pub use tx::TxPacket;
+pub use zerovsock_proto::Payload;
+
+/// Guest memory as the device maps it (shared with the VMM, written by the guest at any time).
+pub type GuestMemory = vm_memory::GuestMemoryMmap<()>;
+
+/// The largest TX chain a device accepts: a 64 KiB payload and its header
+/// (`VIRTIO_VSOCK_MAX_PKT_BUF_SIZE + VIRTIO_VSOCK_SKB_HEADROOM` in `vhost_vsock_alloc_skb`).
+pub const MAX_TX_CHAIN_LEN: usize =
+    zerovsock_wire::MAX_PACKET_PAYLOAD as usize + zerovsock_wire::HEADER_LEN;
+
+/// One chain to put on the used ring: its head index and the bytes the device wrote into it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Used {
+    /// The head descriptor's index.
+    pub head: u16,
+    /// Bytes written (0 for TX chains, as vhost reports them).
+    pub len: u32,
+}
+
+/// Chains whose payload has been consumed, waiting to go back on the used ring.
+///
+/// A [`TxPacket`]'s payload holds a token; when its last view is dropped (on whichever thread
+/// consumed it) the token files the chain here and calls the wake-up given at construction, so
+/// the queue's owner can return it. [`Returns::outstanding`] counts chains still held, for a
+/// device that bounds them.
+pub struct Returns {
+    done: Mutex<Vec<Used>>,
+    outstanding: AtomicUsize,
+    wake: Box<dyn Fn() + Send + Sync>,
+}
+
+impl Returns {
+    /// A queue that calls `wake` when a held chain is given back.
+    pub fn new(wake: impl Fn() + Send + Sync + 'static) -> Arc<Returns> {
+        Arc::new(Returns {
+            done: Mutex::new(Vec::new()),
+            outstanding: AtomicUsize::new(0),
+            wake: Box::new(wake),
+        })
+    }
+
+    /// Chains handed out in payloads and not yet given back.
+    pub fn outstanding(&self) -> usize {
+        self.outstanding.load(Ordering::Acquire)
+    }
+
+    /// Takes every chain given back so far.
+    pub fn take(&self) -> Vec<Used> {
+        std::mem::take(&mut *self.done.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Appends the chains given back so far to `out`.
+    pub fn take_into(&self, out: &mut Vec<Used>) {
+        out.append(&mut self.done.lock().unwrap_or_else(PoisonError::into_inner));
+    }
+
+    fn hold(self: &Arc<Returns>, used: Used) -> Arc<ChainToken> {
+        self.outstanding.fetch_add(1, Ordering::AcqRel);
+        Arc::new(ChainToken { used, returns: self.clone() })
+    }
+}
+
+impl std::fmt::Debug for Returns {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Returns").field("outstanding", &self.outstanding()).finish_non_exhaustive()
+    }
+}
+
+/// One held chain; dropping the last reference gives it back.
+struct ChainToken {
+    used: Used,
+    returns: Arc<Returns>,
+}
+
+impl Drop for ChainToken {
+    fn drop(&mut self) {
+        self.returns.done.lock().unwrap_or_else(PoisonError::into_inner).push(self.used);
+        self.returns.outstanding.fetch_sub(1, Ordering::AcqRel);
+        (self.returns.wake)();
+    }
+}
+
+#[cfg(test)]
+mod tests;
