@@ -177,7 +177,11 @@ impl Engine {
         if let Some(id) = self.connected.get(&(any, repr.src)) {
             return Some(*id);
         }
-        let id = *self.bound.get(&repr.dst.port)?;
+        let Some(&id) = self.bound.get(&repr.dst.port) else {
+            return self
+                .unclaimed
+                .filter(|id| self.sockets.get(id).is_some_and(|s| s.state == State::Listening));
+        };
         let socket = self.sockets.get(&id)?;
         let cid_ok = socket.local.is_some_and(|l| l.cid == Cid::ANY || l.cid == repr.dst.cid);
         // A bound socket that is not listening only takes packets from its own peer, and those
@@ -205,7 +209,8 @@ impl Engine {
         let mut options: Options = parent.options;
         options.zerocopy = false;
         options.rcvlowat = 1;
-        let child = self.accept_child(repr, options);
+        let deferred = parent.listen.as_ref().is_some_and(|l| l.deferred);
+        let child = self.accept_child(repr, options, deferred);
         if let Some(parent) = self.sockets.get_mut(&listener) {
             if let Some(listen) = parent.listen.as_mut() {
                 listen.pending.push_back(child);
@@ -218,15 +223,19 @@ impl Engine {
         Disposition::Delivered
     }
 
-    /// A child straight in ESTABLISHED, answered with RESPONSE (there is no third step).
-    fn accept_child(&mut self, request: Repr, options: Options) -> SocketId {
+    /// A child straight in ESTABLISHED, answered with RESPONSE (there is no third step), or
+    /// for a deferring listener left unanswered until [`Engine::confirm`].
+    fn accept_child(&mut self, request: Repr, options: Options, deferred: bool) -> SocketId {
         let id = self.open_with(request.socket_type, options);
         if let Some(socket) = self.sockets.get_mut(&id) {
             socket.local = Some(request.dst);
             socket.remote = Some(request.src);
             socket.state = State::Established;
             socket.credit.update_from_peer(request.buf_alloc, request.fwd_cnt);
-            self.out.send(socket, Op::Response, 0, Payload::new());
+            socket.unconfirmed = deferred;
+            if !deferred {
+                self.out.send(socket, Op::Response, 0, Payload::new());
+            }
         }
         self.connected.insert((request.dst, request.src), id);
         id

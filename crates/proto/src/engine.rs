@@ -133,6 +133,8 @@ pub struct Engine {
     next_socket: u64,
     pub(crate) bound: HashMap<Port, SocketId>,
     pub(crate) connected: HashMap<(Addr, Addr), SocketId>,
+    /// The listener for ports no socket is bound to ([`Engine::listen_unclaimed`]).
+    pub(crate) unclaimed: Option<SocketId>,
     pub(crate) out: Outbox,
     pub(crate) timers: BTreeSet<(Instant, SocketId)>,
     next_ephemeral: u32,
@@ -193,6 +195,7 @@ impl Engine {
             next_socket: 0,
             bound: HashMap::new(),
             connected: HashMap::new(),
+            unclaimed: None,
             out: Outbox::default(),
             timers: BTreeSet::new(),
             sink: CompletionSink::default(),
@@ -273,6 +276,43 @@ impl Engine {
         socket.state = State::Listening;
         socket.listen.get_or_insert_with(Listen::default).backlog = backlog;
         Ok(())
+    }
+
+    /// Listens on every port that no socket is bound to, and defers each answer: a REQUEST
+    /// queues a child as `listen` does, but nothing is sent until the application decides.
+    /// [`Engine::confirm`] sends the RESPONSE; closing the child unconfirmed answers RST, so
+    /// the peer's connect fails with ECONNRESET as if nobody had listened. The backlog bounds
+    /// the children waiting for a decision.
+    ///
+    /// This is for a proxy that must reach its own endpoint before it can accept (a device's
+    /// hybrid Unix sockets); Linux has no such socket. One per engine; the socket must be
+    /// unbound.
+    pub fn listen_unclaimed(&mut self, id: SocketId, backlog: u32) -> Result<(), ListenError> {
+        if self.unclaimed.is_some_and(|other| other != id) {
+            return Err(ListenError::InvalidState);
+        }
+        let socket = socket_mut!(self, id, ListenError::UnknownSocket);
+        if socket.state != State::Unconnected || socket.bound {
+            return Err(ListenError::InvalidState);
+        }
+        socket.local = Some(Addr::new(Cid::ANY, Port::ANY));
+        socket.state = State::Listening;
+        socket.listen = Some(Listen { backlog, pending: VecDeque::new(), deferred: true });
+        self.unclaimed = Some(id);
+        Ok(())
+    }
+
+    /// Answers a connection accepted from [`Engine::listen_unclaimed`] with RESPONSE. Returns
+    /// false if it is no longer there to answer (the peer reset it meanwhile) or was answered.
+    pub fn confirm(&mut self, id: SocketId) -> bool {
+        let Some(socket) = self.sockets.get_mut(&id) else { return false };
+        if !socket.unconfirmed || socket.done || socket.state != State::Established {
+            return false;
+        }
+        socket.unconfirmed = false;
+        self.out.send(socket, Op::Response, 0, Payload::new());
+        self.out.wake(id, socket);
+        true
     }
 
     /// Takes the oldest connection a listener has accepted.
@@ -367,7 +407,15 @@ impl Engine {
     /// The application is done with the socket (`close()`). Connections close gracefully in
     /// the background: SHUTDOWN now, and RST when the peer answers or the close timeout passes.
     pub fn close(&mut self, now: Instant, id: SocketId) {
-        let Some(socket) = self.sockets.get(&id).filter(|s| !s.orphan) else { return };
+        let Some(socket) = self.sockets.get_mut(&id).filter(|s| !s.orphan) else { return };
+        if socket.unconfirmed {
+            // Never answered: refuse it as a port nobody listens on would be.
+            if !socket.done {
+                self.out.send(socket, Op::Rst, 0, Payload::new());
+            }
+            self.remove(id);
+            return;
+        }
         match socket.state {
             State::Listening => self.close_listener(now, id),
             State::Established | State::Closing => self.close_connection(now, id),
@@ -402,7 +450,12 @@ impl Engine {
     fn close_listener(&mut self, now: Instant, id: SocketId) {
         let pending = self.sockets.get_mut(&id).and_then(|s| s.listen.take()).unwrap_or_default();
         for child in pending.pending {
-            self.close_connection(now, child);
+            let unconfirmed = self.sockets.get(&child).is_some_and(|s| s.unconfirmed);
+            if unconfirmed {
+                self.close(now, child);
+            } else {
+                self.close_connection(now, child);
+            }
         }
         self.remove(id);
     }
@@ -425,6 +478,9 @@ impl Engine {
 
     /// Forgets a socket entirely: tables, timer, and any completions still to come.
     pub(crate) fn remove(&mut self, id: SocketId) {
+        if self.unclaimed == Some(id) {
+            self.unclaimed = None;
+        }
         self.unlist(id);
         let Some(socket) = self.sockets.remove(&id) else { return };
         if let Some(deadline) = socket.deadline {

@@ -128,6 +128,18 @@ impl RecvLease {
     pub fn copy_to(&self, dst: &mut [u8]) -> usize {
         self.data.copy_to(0, dst)
     }
+
+    /// STREAM: keeps only the first `len` bytes, so committing consumes just those (a reader
+    /// that passed the bytes on and saw only part of them taken, as a short `writev`). A
+    /// SEQPACKET lease is one message and is left whole.
+    pub fn truncate(&mut self, len: usize) {
+        if self.message || len >= self.data.len() {
+            return;
+        }
+        self.data = self.data.slice(0, len);
+        self.consume = len as u32;
+        self.message_len = len;
+    }
 }
 
 /// Why a packet could not be queued.

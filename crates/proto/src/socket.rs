@@ -79,6 +79,9 @@ impl Options {
 pub(crate) struct Listen {
     pub(crate) backlog: u32,
     pub(crate) pending: VecDeque<crate::SocketId>,
+    /// Children are not answered until the application confirms them
+    /// ([`crate::Engine::listen_unclaimed`]).
+    pub(crate) deferred: bool,
 }
 
 #[derive(Debug)]
@@ -107,6 +110,8 @@ pub(crate) struct Socket {
     pub(crate) wake_queued: bool,
     /// Tied to a transport (`vsk->transport`): connected once, or accepted.
     pub(crate) transport: bool,
+    /// A child of a deferring listener whose RESPONSE has not been sent yet.
+    pub(crate) unconfirmed: bool,
 }
 
 impl Socket {
@@ -138,6 +143,7 @@ impl Socket {
             deadline: None,
             wake_queued: false,
             transport,
+            unconfirmed: false,
         }
     }
 
@@ -163,7 +169,7 @@ impl Socket {
         {
             return Some(crate::SendError::BrokenPipe);
         }
-        if self.state != State::Established {
+        if self.state != State::Established || self.unconfirmed {
             return Some(crate::SendError::NotConnected);
         }
         None

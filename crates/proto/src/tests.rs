@@ -1099,3 +1099,112 @@ fn zerocopy_pass_over_foreign_memory_completes_when_the_transport_drops_it() {
         Ok(Some(Completion { lo: 0, hi: 0, copied: false }))
     );
 }
+
+fn unclaimed(host: &mut Host, backlog: u32) -> SocketId {
+    let id = host.engine.open(SocketType::Stream).unwrap();
+    host.engine.listen_unclaimed(id, backlog).unwrap();
+    id
+}
+
+fn request_to(port: u32, from: u32) -> Repr {
+    let mut repr = stream(Op::Request);
+    repr.dst.port = Port(port);
+    repr.src.port = Port(from);
+    repr
+}
+
+#[test]
+fn unclaimed_listener_takes_any_port_and_answers_only_when_confirmed() {
+    let mut host = Host::new();
+    let listener = unclaimed(&mut host, 8);
+    assert_eq!(host.deliver(request_to(7000, 1), &[]), Disposition::Delivered);
+    assert_eq!(host.ops(), vec![], "nothing is answered before the application decides");
+    let child = host.engine.accept(listener).unwrap();
+    assert_eq!(host.engine.local_addr(child).unwrap().port, Port(7000));
+    assert!(host.engine.confirm(child));
+    let sent = host.sent();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(
+        (sent[0].repr.op, sent[0].repr.src.port, sent[0].repr.dst.port),
+        (Op::Response, Port(7000), Port(1))
+    );
+    assert!(!host.engine.confirm(child), "answered once");
+    let mut rw = stream(Op::Rw);
+    rw.dst.port = Port(7000);
+    rw.src.port = Port(1);
+    assert_eq!(host.deliver(Repr { len: 2, ..rw }, b"hi"), Disposition::Delivered);
+    assert_eq!(host.engine.recv(child, 8).unwrap().payload().to_vec(), b"hi");
+}
+
+#[test]
+fn unconfirmed_child_cannot_send_and_closing_it_answers_rst() {
+    let mut host = Host::new();
+    let listener = unclaimed(&mut host, 8);
+    host.deliver(request_to(7000, 1), &[]);
+    let child = host.engine.accept(listener).unwrap();
+    let request = SendRequest {
+        remaining: 1,
+        at_segment_start: true,
+        zerocopy: false,
+        eor: false,
+        max_pass: usize::MAX,
+    };
+    assert_eq!(host.engine.begin_send(child, request), Err(SendError::NotConnected));
+    host.engine.close(host.now, child);
+    let sent = host.sent();
+    assert_eq!(sent.iter().map(|p| p.repr.op).collect::<Vec<_>>(), vec![Op::Rst]);
+    assert_eq!(host.engine.socket_count(), 1, "only the listener is left");
+}
+
+#[test]
+fn unclaimed_listener_bounds_waiting_requests_by_its_backlog() {
+    let mut host = Host::new();
+    let _listener = unclaimed(&mut host, 4);
+    let answers: Vec<Disposition> =
+        (0..20).map(|i| host.deliver(request_to(7000, i), &[])).collect();
+    // Linux refuses once more than `backlog` wait (`sk_acceptq_is_full`): five are queued.
+    assert_eq!(answers.iter().filter(|d| **d == Disposition::Delivered).count(), 5);
+    assert!(host.sent().iter().all(|p| p.repr.op == Op::Rst));
+    assert_eq!(host.engine.socket_count(), 6);
+}
+
+#[test]
+fn bound_ports_are_not_unclaimed() {
+    let mut host = Host::new();
+    let _any = unclaimed(&mut host, 8);
+    let specific = host.listener(SocketType::Stream, 8);
+    assert_eq!(host.deliver(request_to(LISTEN_PORT.0, 1), &[]), Disposition::Delivered);
+    assert_eq!(host.ops(), vec![Op::Response], "the port's own listener answers at once");
+    assert!(host.engine.accept(specific).is_ok());
+    // A port held by a socket that is not listening refuses, as without the catch-all.
+    let bound = host.engine.open(SocketType::Stream).unwrap();
+    host.engine.bind(bound, Addr::new(Cid::ANY, Port(9000))).unwrap();
+    assert_eq!(host.deliver(request_to(9000, 2), &[]), Disposition::Refused);
+    assert_eq!(host.ops(), vec![Op::Rst]);
+}
+
+#[test]
+fn peer_reset_before_confirm_leaves_nothing_to_answer() {
+    let mut host = Host::new();
+    let listener = unclaimed(&mut host, 8);
+    host.deliver(request_to(7000, 1), &[]);
+    let child = host.engine.accept(listener).unwrap();
+    let mut rst = stream(Op::Rst);
+    rst.dst.port = Port(7000);
+    rst.src.port = Port(1);
+    host.deliver(rst, &[]);
+    assert!(!host.engine.confirm(child));
+    host.engine.close(host.now, child);
+    assert_eq!(host.ops(), vec![], "RST is never answered");
+}
+
+#[test]
+fn closing_the_unclaimed_listener_refuses_its_waiting_children() {
+    let mut host = Host::new();
+    let listener = unclaimed(&mut host, 8);
+    host.deliver(request_to(7000, 1), &[]);
+    host.engine.close(host.now, listener);
+    assert_eq!(host.ops(), vec![Op::Rst]);
+    assert_eq!(host.engine.socket_count(), 0);
+    assert_eq!(host.deliver(request_to(7000, 2), &[]), Disposition::Refused);
+}

@@ -25,13 +25,16 @@ use crate::turn::Turn;
 pub(crate) enum Source<'a> {
     Borrowed(&'a [u8]),
     Shared(&'a Payload),
+    /// Buffers the caller gave up: sent as they are even by a copy-mode pass, since nobody
+    /// writes them again (no completion is reported for them).
+    Given(&'a Payload),
 }
 
 impl Source<'_> {
     fn len(&self) -> usize {
         match self {
             Source::Borrowed(bytes) => bytes.len(),
-            Source::Shared(payload) => payload.len(),
+            Source::Shared(payload) | Source::Given(payload) => payload.len(),
         }
     }
 
@@ -39,7 +42,7 @@ impl Source<'_> {
     fn starts_segment(&self, offset: usize) -> bool {
         match self {
             Source::Borrowed(_) => offset == 0,
-            Source::Shared(payload) => {
+            Source::Shared(payload) | Source::Given(payload) => {
                 let mut at = 0;
                 for segment in payload.segments() {
                     if at >= offset {
@@ -56,7 +59,9 @@ impl Source<'_> {
     fn copy(&self, pool: &Arc<BufferPool>, start: usize, len: usize) -> Payload {
         let bytes = pool.filled(len, |buffer| match self {
             Source::Borrowed(bytes) => buffer.extend_from_slice(&bytes[start..start + len]),
-            Source::Shared(payload) => payload.slice(start, len).extend_vec(buffer),
+            Source::Shared(payload) | Source::Given(payload) => {
+                payload.slice(start, len).extend_vec(buffer)
+            }
         });
         Payload::from_bytes(bytes)
     }
@@ -64,7 +69,7 @@ impl Source<'_> {
     fn share(&self, pool: &Arc<BufferPool>, start: usize, len: usize) -> Payload {
         match self {
             Source::Borrowed(_) => self.copy(pool, start, len),
-            Source::Shared(payload) => payload.slice(start, len),
+            Source::Shared(payload) | Source::Given(payload) => payload.slice(start, len),
         }
     }
 }
@@ -212,7 +217,7 @@ impl Inner {
     fn finish_pass(&self, grant: SendGrant, source: &Source<'_>, sent: usize) -> io::Result<usize> {
         let len = grant.len();
         let pool = self.shared.pool();
-        let payload = if grant.must_copy() {
+        let payload = if grant.must_copy() && !matches!(source, Source::Given(_)) {
             source.copy(pool, sent, len)
         } else {
             source.share(pool, sent, len)
@@ -366,6 +371,38 @@ impl Inner {
             self.try_recv(engine, min, max)
         });
         lease.map_ok(|lease| self.finish_recv(lease, buf, peek))
+    }
+
+    /// Asynchronous zero-copy STREAM receive: once data is queued, lends up to `max` bytes to
+    /// `consume` (views of the queue's own buffers; on a device, guest memory) outside the engine
+    /// lock, and consumes as many as it reports taking. 0 is end of stream.
+    pub(crate) fn poll_recv_with(
+        &self,
+        cx: &mut Context<'_>,
+        max: usize,
+        consume: impl FnOnce(&Payload) -> io::Result<usize>,
+    ) -> Poll<io::Result<usize>> {
+        let Poll::Ready(_turn) = self.recv_turn.poll_take(cx) else { return Poll::Pending };
+        let lease = self
+            .shared
+            .poll_attempt(&self.waiter, cx, |engine, _| self.try_recv(engine, 1, max.max(1)));
+        let mut lease = match lease {
+            Poll::Ready(Ok(lease)) => lease,
+            Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
+            Poll::Pending => return Poll::Pending,
+        };
+        if lease.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        let taken = match consume(lease.payload()) {
+            Ok(taken) => taken.min(lease.len()),
+            Err(error) => return Poll::Ready(Err(error)),
+        };
+        lease.truncate(taken);
+        if taken > 0 {
+            self.shared.with(|engine, _| engine.commit_recv(self.id, lease));
+        }
+        Poll::Ready(Ok(taken))
     }
 
     /// Asynchronous wait for the next zerocopy completion.

@@ -7,7 +7,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use zerovsock_proto::{Completion, Readiness};
+use zerovsock_proto::{Completion, Payload, Readiness};
 use zerovsock_wire::{Addr, SocketType};
 
 use crate::socket::{payload_of, Inner, Source};
@@ -406,6 +406,29 @@ impl VsockStream {
     /// The poll form of [`Self::write_async`] (the shape of `AsyncWrite::poll_write`).
     pub fn poll_write(&self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         self.inner.poll_send(cx, &Source::Borrowed(buf), false, false)
+    }
+
+    /// Writes a buffer the caller gives up, without copying it: what the credit takes now (at
+    /// least one byte), shared with the packets that carry it. No completion is reported; the
+    /// stack just drops its references once the peer has the bytes. The poll form of a
+    /// `write` of owned bytes, for a bridge that read them from another descriptor.
+    pub fn poll_write_bytes(&self, cx: &mut Context<'_>, buf: &Bytes) -> Poll<io::Result<usize>> {
+        let payload = Payload::from_bytes(buf.clone());
+        self.inner.poll_send(cx, &Source::Given(&payload), false, false)
+    }
+
+    /// Reads without copying: once data is queued, lends up to `max` bytes to `consume` as a
+    /// [`Payload`] (the receive queue's own buffers: the sender's memory on loopback, guest
+    /// memory on a device) and consumes the bytes `consume` reports taking; the rest stay
+    /// queued. `Ready(Ok(0))` is end of stream. This is how a bridge `writev`s received data
+    /// straight into another file descriptor. `consume` runs without the engine lock.
+    pub fn poll_read_with(
+        &self,
+        cx: &mut Context<'_>,
+        max: usize,
+        consume: impl FnOnce(&Payload) -> io::Result<usize>,
+    ) -> Poll<io::Result<usize>> {
+        self.inner.poll_recv_with(cx, max, consume)
     }
 }
 
