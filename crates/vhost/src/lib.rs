@@ -1,1 +1,182 @@
-pub fn x() {}
+//! A vhost-user-vsock device: the host half of virtio-vsock (what Linux's
+//! `drivers/vhost/vsock.c` does) as a vhost-user backend for QEMU's `vhost-user-vsock-pci`,
+//! cloud-hypervisor and crosvm.
+//!
+//! One [`Device`] serves one guest CID. The protocol engine (`zerovsock-proto`) plays the host
+//! (CID 2); this crate only moves its packets through the guest's queues (`zerovsock-virtio`)
+//! and makes no protocol decision itself. Host programs reach the guest in two ways:
+//!
+//! * **Hybrid Unix sockets** ([`DeviceConfig::uds_path`]), compatible with vhost-device-vsock
+//!   and Firecracker: connect to `uds_path` and write `CONNECT <port>\n` to reach a guest port
+//!   (the answer is `OK <host port>\n`); a guest connect to host port P reaches
+//!   `<uds_path>_P`, and fails with ECONNRESET at once when nobody listens there.
+//! * **The socket API** ([`Device::vsock`]): `VsockListener` / `VsockStream` / `send_zerocopy`
+//!   on the device's endpoint, as on loopback, without a Unix-socket hop.
+//!
+//! Guest payloads are never copied on their way to a Unix socket: they stay in guest memory
+//! until `writev` has taken them, and the TX chain goes back to the guest then. The chains held
+//! this way are bounded (half the queue); past that, payloads are copied out so other
+//! connections keep moving.
+//!
+//! ```no_run
+//! use zerovsock_vhost::{Device, DeviceConfig};
+//!
+//! let mut config = DeviceConfig::new(3);
+//! config.uds_path = Some("/tmp/vm3.vsock".into());
+//! let device = Device::new(config)?;
+//! device.serve("/tmp/vm3.vhost".as_ref())?; // one frontend after another
+//! # Ok::<(), std::io::Error>(())
+//! ```
+
+#![deny(unsafe_code)]
+
+mod backend;
+mod bridge;
+mod sys;
+mod worker;
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use vhost_user_backend::VhostUserDaemon;
+use vm_memory::GuestMemoryAtomic;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+use zerovsock::Vsock;
+use zerovsock_virtio::GuestMemory;
+use zerovsock_wire::Cid;
+
+pub use worker::DeviceStats;
+
+use backend::{Backend, OUTBOUND_EVENT, RETURNS_EVENT};
+use worker::{DeviceTransport, Outbound, Worker};
+
+/// What a device serves.
+#[derive(Clone, Debug)]
+pub struct DeviceConfig {
+    /// The guest's CID (3 or more, below `u32::MAX`).
+    pub guest_cid: u32,
+    /// Hybrid Unix-socket endpoints at this path (and `<path>_<port>` for guest connects).
+    pub uds_path: Option<PathBuf>,
+    /// The largest virtqueue the frontend may set up.
+    pub queue_size: u16,
+}
+
+impl DeviceConfig {
+    /// Defaults (queue size 1024, as vhost-device-vsock) for guest `guest_cid`, no Unix
+    /// endpoints.
+    pub fn new(guest_cid: u32) -> DeviceConfig {
+        DeviceConfig { guest_cid, uds_path: None, queue_size: 1024 }
+    }
+}
+
+/// One guest's device: the host endpoint and, once a frontend connects, its queues.
+pub struct Device {
+    config: DeviceConfig,
+    vsock: Vsock,
+    outbound: Arc<Outbound>,
+    _bridge: Option<bridge::Bridge>,
+    last: Mutex<Option<Arc<Backend>>>,
+}
+
+impl Device {
+    /// Checks the configuration as `vhost_vsock_set_cid` does and starts the Unix endpoints.
+    pub fn new(config: DeviceConfig) -> io::Result<Device> {
+        if config.guest_cid <= Cid::HOST.0 || config.guest_cid == u32::MAX {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("guest CID {} is reserved: use 3 or more", config.guest_cid),
+            ));
+        }
+        if !config.queue_size.is_power_of_two() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("queue size {} is not a power of two", config.queue_size),
+            ));
+        }
+        let outbound = Outbound::new()?;
+        let transport =
+            DeviceTransport { guest_cid: Cid(config.guest_cid), outbound: outbound.clone() };
+        let vsock = Vsock::with_transport(transport);
+        let bridge = match &config.uds_path {
+            Some(path) => Some(bridge::Bridge::start(&vsock, Cid(config.guest_cid), path)?),
+            None => None,
+        };
+        Ok(Device { config, vsock, outbound, _bridge: bridge, last: Mutex::new(None) })
+    }
+
+    /// The host endpoint (CID 2) facing this guest: sockets on it talk to the guest.
+    pub fn vsock(&self) -> &Vsock {
+        &self.vsock
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &DeviceConfig {
+        &self.config
+    }
+
+    /// What the queues refused or copied, for the current or last session.
+    pub fn stats(&self) -> DeviceStats {
+        self.last
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .map(|b| b.stats())
+            .unwrap_or_default()
+    }
+
+    /// Serves frontends on the vhost-user socket `socket`, one after another, forever: when a
+    /// frontend disconnects, the next one is served (a restarted VMM reconnects).
+    pub fn serve(&self, socket: &Path) -> io::Result<()> {
+        loop {
+            self.serve_one(socket)?;
+        }
+    }
+
+    /// Serves one frontend on `socket` until it disconnects. Packets still waiting for that
+    /// guest are dropped.
+    pub fn serve_one(&self, socket: &Path) -> io::Result<()> {
+        let returns_kick = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
+        let returns = backend::returns_with(&returns_kick);
+        let worker = Worker::new(
+            Cid(self.config.guest_cid),
+            self.vsock.clone(),
+            self.outbound.clone(),
+            returns,
+            self.config.queue_size,
+        );
+        let backend = Arc::new(Backend::new(
+            u64::from(self.config.guest_cid),
+            self.config.queue_size,
+            worker,
+            returns_kick.clone(),
+        )?);
+        *self.last.lock().unwrap_or_else(PoisonError::into_inner) = Some(backend.clone());
+        let memory = GuestMemoryAtomic::new(GuestMemory::new());
+        let mut daemon = VhostUserDaemon::new("zerovsock-vhost".into(), backend.clone(), memory)
+            .map_err(|e| io::Error::other(format!("vhost-user daemon: {e}")))?;
+        for handler in daemon.get_epoll_handlers() {
+            handler
+                .register_listener(
+                    self.outbound.kick.as_raw_fd(),
+                    EventSet::IN,
+                    u64::from(OUTBOUND_EVENT),
+                )
+                .map_err(|e| io::Error::other(format!("epoll: {e}")))?;
+            handler
+                .register_listener(returns_kick.as_raw_fd(), EventSet::IN, u64::from(RETURNS_EVENT))
+                .map_err(|e| io::Error::other(format!("epoll: {e}")))?;
+        }
+        let result = daemon.serve(socket).map_err(|e| io::Error::other(format!("vhost-user: {e}")));
+        backend.reset();
+        result
+    }
+}
+
+impl std::fmt::Debug for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Device").field("config", &self.config).finish_non_exhaustive()
+    }
+}

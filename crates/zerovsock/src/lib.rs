@@ -104,6 +104,18 @@ impl Vsock {
         Vsock { shared: core::Shared::new(Box::new(transport), configure) }
     }
 
+    /// For a transport that receives on its own (a device's TX queue): hands packets from the
+    /// peer to the engine, header bytes as they came and the payload, all under one lock; the
+    /// answers go to the transport and waiting sockets wake, as after any call. A header that
+    /// does not parse is answered as Linux answers it (see `Engine::handle_bytes`).
+    pub fn deliver(&self, packets: impl IntoIterator<Item = ([u8; wire::HEADER_LEN], Payload)>) {
+        self.shared.with(|engine, now| {
+            for (header, payload) in packets {
+                let _ = engine.handle_bytes(now, &header, payload);
+            }
+        });
+    }
+
     /// Sockets alive on this endpoint, including connections still closing.
     pub fn socket_count(&self) -> usize {
         self.shared.lock().engine.socket_count()

@@ -154,6 +154,20 @@ impl Inner {
         self.shared.with(|engine, _| engine.listen(self.id, backlog)).map_err(error::listen)
     }
 
+    pub(crate) fn listen_unclaimed(&self, backlog: u32) -> io::Result<()> {
+        self.shared
+            .with(|engine, _| engine.listen_unclaimed(self.id, backlog))
+            .map_err(error::listen)
+    }
+
+    pub(crate) fn confirm(&self) -> io::Result<()> {
+        if self.shared.with(|engine, _| engine.confirm(self.id)) {
+            Ok(())
+        } else {
+            Err(io::Error::from_raw_os_error(libc::ECONNRESET))
+        }
+    }
+
     fn try_accept(&self, engine: &mut Engine) -> io::Result<Option<SocketId>> {
         match engine.accept(self.id) {
             Ok(child) => Ok(Some(child)),

@@ -373,7 +373,26 @@ pub struct VsockStream {
 
 connected!(VsockStream, Stream);
 
+impl VsockListener {
+    /// Listens on every port no other socket on `vsock` is bound to, answering nobody until
+    /// told: an accepted connection has not been answered yet; [`VsockStream::confirm`]
+    /// answers it, and dropping it unconfirmed refuses it (the peer's connect fails with
+    /// ECONNRESET, as if nobody listened). For a proxy that must reach its own endpoint first,
+    /// such as a device's Unix-socket bridge. At most `backlog` + 1 connections wait.
+    pub fn bind_unclaimed(vsock: &Vsock, backlog: u32) -> io::Result<VsockListener> {
+        let inner = Inner::open(vsock.shared(), SocketType::Stream)?;
+        inner.listen_unclaimed(backlog)?;
+        Ok(VsockListener::from(inner))
+    }
+}
+
 impl VsockStream {
+    /// Answers a connection accepted from [`VsockListener::bind_unclaimed`]; ECONNRESET if the
+    /// peer gave up meanwhile or it was answered already.
+    pub fn confirm(&self) -> io::Result<()> {
+        self.inner.confirm()
+    }
+
     /// Reads without consuming (MSG_PEEK).
     pub fn peek(&self, buf: &mut [u8]) -> io::Result<usize> {
         self.inner.recv(buf, true).map(|meta| meta.len)

@@ -1,0 +1,464 @@
+//! Hybrid Unix-socket endpoints (the protocol of Firecracker and vhost-device-vsock), on a
+//! thread of their own so that no connect ever runs on the vring worker.
+//!
+//! * Host to guest: a host program connects to `uds_path` and writes `CONNECT <port>\n`; once
+//!   the guest accepts, it reads `OK <host port>\n` and the stream is the connection.
+//! * Guest to host: a guest connect to host port P reaches `<uds_path>_P`. The engine holds the
+//!   guest's REQUEST unanswered (an unclaimed-port listener) until the Unix connect is made: on
+//!   success the guest gets RESPONSE, otherwise RST, so its `connect()` fails with ECONNRESET at
+//!   once, as against a Linux host with no listener.
+//!
+//! Data moves without a userspace copy towards the host: what the guest sent is `writev`n from
+//! guest memory into the Unix socket and consumed only as far as the socket took it. Towards the
+//! guest, one read fills a buffer that is sent as it is and copied once into guest RX buffers.
+//! Each connection holds at most one such buffer, and reads nothing while the guest gives no
+//! credit, so a slow guest pushes back on the host socket.
+//!
+//! The thread is a small executor: every connection is a task woken by epoll (its Unix socket,
+//! edge-triggered) or by the socket layer's wakers (through an eventfd), and a task does a
+//! bounded amount of work per turn, so one busy connection cannot starve the others.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::io::{self, ErrorKind, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll, Wake, Waker};
+use std::thread::JoinHandle;
+
+use bytes::Bytes;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+use zerovsock::wire::{Addr, Cid, Port};
+use zerovsock::{Vsock, VsockListener, VsockStream};
+
+use crate::sys;
+
+const LISTENER: u64 = 0;
+const WAKE: u64 = 1;
+const FIRST_TASK: u64 = 16;
+/// Bytes read from a host socket per read, and the most a connection buffers towards the
+/// guest.
+const READ_SIZE: usize = 256 * 1024;
+/// Most bytes lent to one `writev` towards the host.
+const WRITE_SIZE: usize = 1 << 20;
+/// Rounds of work per turn before a task yields to the others.
+const TURN: usize = 16;
+/// A `CONNECT <port>\n` line longer than this is refused.
+const MAX_LINE: usize = 64;
+/// Guest connections waiting for their Unix connect.
+const BACKLOG: u32 = 128;
+
+/// The running bridge; dropping it stops the thread.
+pub(crate) struct Bridge {
+    stop: Arc<AtomicBool>,
+    ready: Arc<Ready>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Bridge {
+    pub(crate) fn start(vsock: &Vsock, guest_cid: Cid, uds_path: &Path) -> io::Result<Bridge> {
+        // Like vhost-device-vsock: a stale socket file from an earlier run is replaced.
+        match std::fs::remove_file(uds_path) {
+            Err(e) if e.kind() != ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        let listener = UnixListener::bind(uds_path)?;
+        listener.set_nonblocking(true)?;
+        let guest = VsockListener::bind_unclaimed(vsock, BACKLOG)?;
+        let ready = Arc::new(Ready {
+            list: Mutex::new(Vec::new()),
+            kick: EventFd::new(libc::EFD_NONBLOCK)?,
+        });
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut exec = Executor {
+            vsock: vsock.clone(),
+            guest_cid,
+            uds_path: uds_path.to_path_buf(),
+            epoll: Epoll::new()?,
+            listener,
+            tasks: HashMap::new(),
+            next: FIRST_TASK,
+            ready: ready.clone(),
+        };
+        exec.watch(exec.listener.as_raw_fd(), LISTENER)?;
+        exec.watch(ready.kick.as_raw_fd(), WAKE)?;
+        exec.spawn(Task::Accept(guest), None)?;
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("zerovsock-bridge".into())
+            .spawn(move || exec.run(&flag))?;
+        Ok(Bridge { stop, ready, thread: Some(thread) })
+    }
+}
+
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        let _ = self.ready.kick.write(1);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Tasks woken by the socket layer.
+struct Ready {
+    list: Mutex<Vec<u64>>,
+    kick: EventFd,
+}
+
+struct TaskWaker {
+    id: u64,
+    ready: Arc<Ready>,
+}
+
+impl Wake for TaskWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.ready.list.lock().unwrap_or_else(PoisonError::into_inner).push(self.id);
+        let _ = self.ready.kick.write(1);
+    }
+}
+
+type Connecting = Pin<Box<dyn Future<Output = io::Result<VsockStream>> + Send>>;
+
+enum Task {
+    /// Guest connections to host ports, waiting to be accepted.
+    Accept(VsockListener),
+    /// A host program that connected to `uds_path`, before its `CONNECT` line is complete.
+    Handshake { unix: UnixStream, line: Vec<u8> },
+    /// Waiting for the guest to answer the connect.
+    Connecting { unix: UnixStream, connect: Connecting },
+    /// An established connection.
+    Pipe(Pipe),
+}
+
+struct Pipe {
+    unix: UnixStream,
+    stream: VsockStream,
+    /// Bytes owed to the host program before any data (the `OK` line).
+    prefix: Vec<u8>,
+    /// Read from the host, not yet taken by the guest's credit.
+    to_guest: Option<Bytes>,
+    host_eof: bool,
+    guest_eof: bool,
+}
+
+enum Turn {
+    Pending,
+    Again,
+    Done,
+}
+
+struct Executor {
+    vsock: Vsock,
+    guest_cid: Cid,
+    uds_path: PathBuf,
+    epoll: Epoll,
+    listener: UnixListener,
+    tasks: HashMap<u64, (Task, Waker)>,
+    next: u64,
+    ready: Arc<Ready>,
+}
+
+impl Executor {
+    fn watch(&self, fd: i32, token: u64) -> io::Result<()> {
+        let events =
+            EventSet::IN | EventSet::OUT | EventSet::READ_HANG_UP | EventSet::EDGE_TRIGGERED;
+        self.epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(events, token))
+    }
+
+    fn spawn(&mut self, task: Task, fd: Option<i32>) -> io::Result<u64> {
+        let id = self.next;
+        self.next += 1;
+        if let Some(fd) = fd {
+            self.watch(fd, id)?;
+        }
+        let waker = Waker::from(Arc::new(TaskWaker { id, ready: self.ready.clone() }));
+        self.tasks.insert(id, (task, waker));
+        Ok(id)
+    }
+
+    fn run(mut self, stop: &AtomicBool) {
+        let mut events = vec![EpollEvent::default(); 64];
+        let mut due: HashSet<u64> = self.tasks.keys().copied().collect();
+        while !stop.load(Ordering::Acquire) {
+            for id in std::mem::take(&mut due) {
+                self.turn(id, &mut due);
+            }
+            if !due.is_empty() {
+                continue;
+            }
+            let count = match self.epoll.wait(1000, &mut events) {
+                Ok(count) => count,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(_) => return,
+            };
+            for event in &events[..count] {
+                match event.data() {
+                    LISTENER => self.accept_host(&mut due),
+                    WAKE => {
+                        let _ = self.ready.kick.read();
+                        let woken = std::mem::take(
+                            &mut *self.ready.list.lock().unwrap_or_else(PoisonError::into_inner),
+                        );
+                        due.extend(woken);
+                    }
+                    id => {
+                        due.insert(id);
+                    }
+                }
+            }
+        }
+    }
+
+    fn accept_host(&mut self, due: &mut HashSet<u64>) {
+        loop {
+            match self.listener.accept() {
+                Ok((unix, _)) => {
+                    if unix.set_nonblocking(true).is_err() {
+                        continue;
+                    }
+                    let fd = unix.as_raw_fd();
+                    if let Ok(id) = self.spawn(Task::Handshake { unix, line: Vec::new() }, Some(fd))
+                    {
+                        due.insert(id);
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(_) => return,
+            }
+        }
+    }
+
+    fn turn(&mut self, id: u64, due: &mut HashSet<u64>) {
+        let Some((task, waker)) = self.tasks.remove(&id) else { return };
+        let mut cx = Context::from_waker(&waker);
+        let mut spawned = Vec::new();
+        let (task, outcome) = match task {
+            Task::Accept(listener) => {
+                let outcome = self.accept_guest(&listener, &mut cx, &mut spawned);
+                (Some(Task::Accept(listener)), outcome)
+            }
+            Task::Handshake { mut unix, mut line } => match handshake(&mut unix, &mut line) {
+                Ok(Some(port)) => {
+                    let vsock = self.vsock.clone();
+                    let addr = Addr::new(self.guest_cid, Port(port));
+                    let connect: Connecting =
+                        Box::pin(async move { VsockStream::connect_async(&vsock, addr).await });
+                    (Some(Task::Connecting { unix, connect }), Turn::Again)
+                }
+                Ok(None) => (Some(Task::Handshake { unix, line }), Turn::Pending),
+                Err(_) => (None, Turn::Done),
+            },
+            Task::Connecting { unix, mut connect } => match connect.as_mut().poll(&mut cx) {
+                Poll::Pending => (Some(Task::Connecting { unix, connect }), Turn::Pending),
+                Poll::Ready(Err(_)) => (None, Turn::Done),
+                Poll::Ready(Ok(stream)) => {
+                    // The host-side port, as Firecracker and cloud-hypervisor answer.
+                    let port = stream.local_addr().map(|a| a.port.0).unwrap_or(0);
+                    let ok = format!("OK {port}\n").into_bytes();
+                    (Some(Task::Pipe(Pipe::new(unix, stream, ok))), Turn::Again)
+                }
+            },
+            Task::Pipe(mut pipe) => {
+                let outcome = pipe.turn(&mut cx);
+                (Some(Task::Pipe(pipe)), outcome)
+            }
+        };
+        for (task, fd) in spawned {
+            if let Ok(id) = self.spawn(task, Some(fd)) {
+                due.insert(id);
+            }
+        }
+        let Some(task) = task else { return };
+        match outcome {
+            Turn::Done => {}
+            Turn::Pending => {
+                self.tasks.insert(id, (task, waker));
+            }
+            Turn::Again => {
+                self.tasks.insert(id, (task, waker));
+                due.insert(id);
+            }
+        }
+    }
+
+    /// Guest connects: reach `<uds_path>_<port>` now (a Unix connect does not wait), then
+    /// answer the guest.
+    fn accept_guest(
+        &self,
+        listener: &VsockListener,
+        cx: &mut Context<'_>,
+        spawned: &mut Vec<(Task, i32)>,
+    ) -> Turn {
+        for _ in 0..TURN {
+            let stream = match listener.poll_accept(cx) {
+                Poll::Pending => return Turn::Pending,
+                Poll::Ready(Ok((stream, _))) => stream,
+                Poll::Ready(Err(_)) => return Turn::Pending,
+            };
+            let Ok(local) = stream.local_addr() else { continue };
+            let path = format!("{}_{}", self.uds_path.display(), local.port.0);
+            match connect_unix(Path::new(&path)) {
+                Ok(unix) if stream.confirm().is_ok() => {
+                    let fd = unix.as_raw_fd();
+                    spawned.push((Task::Pipe(Pipe::new(unix, stream, Vec::new())), fd));
+                }
+                // Dropping the unanswered stream refuses it with RST.
+                _ => drop(stream),
+            }
+        }
+        Turn::Again
+    }
+}
+
+/// A non-blocking Unix connect: it succeeds or fails at once (a full backlog is a refusal).
+fn connect_unix(path: &Path) -> io::Result<UnixStream> {
+    let socket = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None)?;
+    socket.set_nonblocking(true)?;
+    socket.connect(&socket2::SockAddr::unix(path)?)?;
+    Ok(UnixStream::from(OwnedFd::from(socket)))
+}
+
+/// Reads the `CONNECT <port>\n` line; `Ok(None)` until it is complete. The keyword is matched
+/// case-insensitively and words are split on whitespace, as vhost-device-vsock does.
+fn handshake(unix: &mut UnixStream, line: &mut Vec<u8>) -> io::Result<Option<u32>> {
+    let mut byte = [0u8; 1];
+    loop {
+        // A byte at a time, to read no further than the newline: what follows is data.
+        let n = match unix.read(&mut byte) {
+            Ok(0) => return Err(ErrorKind::UnexpectedEof.into()),
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(None),
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        line.extend_from_slice(&byte[..n]);
+        if line.last() == Some(&b'\n') {
+            return parse_connect(line).map(Some).ok_or_else(|| ErrorKind::InvalidData.into());
+        }
+        if line.len() >= MAX_LINE {
+            return Err(ErrorKind::InvalidData.into());
+        }
+    }
+}
+
+/// `CONNECT <port>` (any case, any whitespace) to the port.
+pub(crate) fn parse_connect(line: &[u8]) -> Option<u32> {
+    let text = std::str::from_utf8(line).ok()?;
+    let mut words = text.split_whitespace();
+    let keyword = words.next()?;
+    let port = words.next()?.parse().ok()?;
+    (keyword.eq_ignore_ascii_case("connect") && words.next().is_none()).then_some(port)
+}
+
+impl Pipe {
+    fn new(unix: UnixStream, stream: VsockStream, prefix: Vec<u8>) -> Pipe {
+        Pipe { unix, stream, prefix, to_guest: None, host_eof: false, guest_eof: false }
+    }
+
+    /// Moves data both ways until both sides would block, or for one turn.
+    fn turn(&mut self, cx: &mut Context<'_>) -> Turn {
+        for _ in 0..TURN {
+            match self.step(cx) {
+                Ok(true) => {}
+                Ok(false) => return Turn::Pending,
+                Err(_) => return Turn::Done,
+            }
+            if self.host_eof && self.guest_eof && self.to_guest.is_none() {
+                return Turn::Done;
+            }
+        }
+        Turn::Again
+    }
+
+    /// One round each way; whether anything moved.
+    fn step(&mut self, cx: &mut Context<'_>) -> io::Result<bool> {
+        let mut moved = false;
+        // Towards the host: the line owed first, then what the guest sent.
+        if !self.prefix.is_empty() {
+            match self.unix.write(&self.prefix) {
+                Ok(n) => {
+                    self.prefix.drain(..n);
+                    moved = true;
+                }
+                Err(e) if would_block(&e) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if self.prefix.is_empty() && !self.guest_eof {
+            let fd = self.unix.as_fd();
+            match self.stream.poll_read_with(cx, WRITE_SIZE, |payload| sys::writev(fd, payload)) {
+                Poll::Ready(Ok(0)) => {
+                    self.guest_eof = true;
+                    let _ = self.unix.shutdown(std::net::Shutdown::Write);
+                    moved = true;
+                }
+                Poll::Ready(Ok(_)) => moved = true,
+                Poll::Ready(Err(e)) if would_block(&e) => {}
+                Poll::Ready(Err(e)) => return Err(e),
+                Poll::Pending => {}
+            }
+        }
+        // Towards the guest: one buffer at a time, read only once the last one is taken.
+        if self.to_guest.is_none() && !self.host_eof {
+            let mut buffer = vec![0u8; READ_SIZE];
+            match self.unix.read(&mut buffer) {
+                Ok(0) => {
+                    self.host_eof = true;
+                    let _ = self.stream.shutdown(std::net::Shutdown::Write);
+                    moved = true;
+                }
+                Ok(n) => {
+                    buffer.truncate(n);
+                    self.to_guest = Some(Bytes::from(buffer));
+                    moved = true;
+                }
+                Err(e) if would_block(&e) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if let Some(bytes) = self.to_guest.take() {
+            match self.stream.poll_write_bytes(cx, &bytes) {
+                Poll::Ready(Ok(n)) => {
+                    moved = true;
+                    if n < bytes.len() {
+                        self.to_guest = Some(bytes.slice(n..));
+                    }
+                }
+                Poll::Ready(Err(e)) => return Err(e),
+                Poll::Pending => self.to_guest = Some(bytes),
+            }
+        }
+        Ok(moved)
+    }
+}
+
+fn would_block(error: &io::Error) -> bool {
+    matches!(error.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_connect;
+
+    #[test]
+    fn connect_lines_parse_as_vhost_device_vsock_reads_them() {
+        assert_eq!(parse_connect(b"CONNECT 1234\n"), Some(1234));
+        assert_eq!(parse_connect(b"connect\t52 \n"), Some(52));
+        assert_eq!(parse_connect(b"CONNECT\n"), None);
+        assert_eq!(parse_connect(b"CONNECT x\n"), None);
+        assert_eq!(parse_connect(b"CONNECT 1 2\n"), None);
+        assert_eq!(parse_connect(b"OPEN 1\n"), None);
+        assert_eq!(parse_connect(b"CONNECT 99999999999\n"), None);
+    }
+}
