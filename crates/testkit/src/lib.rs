@@ -28,6 +28,8 @@
 
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "guest-driver")]
+pub mod guest;
 pub mod hostile;
 pub mod suite;
 
