@@ -420,7 +420,7 @@ pub(crate) mod tests {
     }
 
     impl Guest {
-        pub(crate) fn new(
+        pub(crate) fn memory(
             bytes: &[u8],
         ) -> (Arc<dyn ForeignMemory>, Arc<std::sync::atomic::AtomicBool>) {
             let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -448,7 +448,7 @@ pub(crate) mod tests {
 
     #[test]
     fn foreign_segments_read_slice_and_join_like_local_ones() {
-        let (memory, _) = Guest::new(b"0123456789");
+        let (memory, _) = Guest::memory(b"0123456789");
         let mut payload = Payload::from_bytes(Bytes::from_static(b"ab"));
         payload.push_foreign(memory.clone());
         assert_eq!(payload.len(), 12);
@@ -471,7 +471,7 @@ pub(crate) mod tests {
 
     #[test]
     fn foreign_memory_is_released_with_the_last_view() {
-        let (memory, dropped) = Guest::new(&[5u8; 64]);
+        let (memory, dropped) = Guest::memory(&[5u8; 64]);
         let payload = Payload::from_foreign(memory);
         let view = payload.slice(10, 10);
         drop(payload);
@@ -483,7 +483,7 @@ pub(crate) mod tests {
 
     #[test]
     fn payloads_compare_by_bytes_not_by_cut() {
-        let (memory, _) = Guest::new(b"hello");
+        let (memory, _) = Guest::memory(b"hello");
         let mut cut = Payload::from_bytes(Bytes::from_static(b"he"));
         cut.push(Bytes::from_static(b"llo"));
         assert_eq!(Payload::from_foreign(memory), cut);

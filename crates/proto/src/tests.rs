@@ -1042,7 +1042,7 @@ fn foreign_payload_is_queued_in_place_and_released_after_the_read() {
     let mut host = Host::new();
     let child = host.established(SocketType::Stream);
     drop(host.sent());
-    let (memory, released) = crate::packet::tests::Guest::new(&[9u8; 4096]);
+    let (memory, released) = crate::packet::tests::Guest::memory(&[9u8; 4096]);
     let repr = Repr { len: 4096, ..stream(Op::Rw) };
     let packet = Packet::data(repr, Payload::from_foreign(memory.clone()));
     assert_eq!(host.engine.handle_packet(host.now, packet), Disposition::Delivered);
@@ -1068,7 +1068,7 @@ fn small_foreign_packet_merged_into_the_tail_is_released_at_once() {
         host.deliver(Repr { len: 10, ..stream(Op::Rw) }, &[1u8; 10]),
         Disposition::Delivered
     );
-    let (memory, released) = crate::packet::tests::Guest::new(&[2u8; 20]);
+    let (memory, released) = crate::packet::tests::Guest::memory(&[2u8; 20]);
     let packet = Packet::data(Repr { len: 20, ..stream(Op::Rw) }, Payload::from_foreign(memory));
     assert_eq!(host.engine.handle_packet(host.now, packet), Disposition::Delivered);
     assert!(released.load(Ordering::SeqCst));
@@ -1083,7 +1083,7 @@ fn zerocopy_pass_over_foreign_memory_completes_when_the_transport_drops_it() {
     use std::sync::atomic::Ordering;
     let mut host = Host::new();
     let child = zerocopy_child(&mut host);
-    let (memory, released) = crate::packet::tests::Guest::new(b"abc");
+    let (memory, released) = crate::packet::tests::Guest::memory(b"abc");
     let grant = host.send(child, b"abc", true).unwrap();
     assert!(!grant.must_copy());
     host.engine.finish_send(grant, Payload::from_foreign(memory)).unwrap();

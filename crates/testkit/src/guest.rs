@@ -75,7 +75,7 @@ impl GuestDriver {
         let setup = Setup::negotiate(frontend)?;
         let guest_cid = Cid(setup.guest_cid);
         let outgoing = Arc::new(Mutex::new(VecDeque::new()));
-        let kick = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(io::Error::from)?);
+        let kick = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
         let transport =
             GuestTransport { cid: guest_cid, outgoing: outgoing.clone(), kick: kick.clone() };
         let vsock = Vsock::with_transport(transport);

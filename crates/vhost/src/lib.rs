@@ -50,6 +50,9 @@ use zerovsock_wire::Cid;
 
 pub use worker::DeviceStats;
 
+#[cfg(test)]
+mod tests;
+
 use backend::{Backend, OUTBOUND_EVENT, RETURNS_EVENT};
 use worker::{DeviceTransport, Outbound, Worker};
 

@@ -1,0 +1,277 @@
+//! The device's queue work against a hostile guest: mock queues over real guest memory.
+
+use std::sync::Arc;
+
+use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::desc::RawDescriptor;
+use virtio_queue::mock::MockSplitQueue;
+use virtio_queue::Queue;
+use vm_memory::{Bytes, GuestAddress};
+use zerovsock::wire::{Addr, Cid, Op, Port, Repr, SocketType, HEADER_LEN};
+use zerovsock::{Vsock, VsockListener};
+use zerovsock_virtio::{GuestMemory, Returns, Used};
+
+use crate::worker::{DeviceTransport, Outbound, Worker};
+
+const GUEST: Cid = Cid(3);
+const DATA: u64 = 0x10_0000;
+const SLOT: u64 = 0x1_1000;
+
+struct Harness {
+    mem: Arc<GuestMemory>,
+    tx_mock: MockSplitQueue<'static, GuestMemory>,
+    tx: Queue,
+    next_desc: u16,
+    next_slot: u64,
+    worker: Worker,
+    vsock: Vsock,
+    used: Vec<Used>,
+}
+
+impl Harness {
+    fn new(queue_size: u16) -> Harness {
+        let mem =
+            Arc::new(GuestMemory::from_ranges(&[(GuestAddress(0), 32 << 20)]).expect("memory"));
+        let leaked: &'static GuestMemory = Box::leak(Box::new(mem.clone()));
+        let tx_mock = MockSplitQueue::create(leaked, GuestAddress(0x8_0000), queue_size);
+        let tx = tx_mock.create_queue().expect("tx queue");
+        let outbound = Outbound::new().expect("outbound");
+        let vsock =
+            Vsock::with_transport(DeviceTransport { guest_cid: GUEST, outbound: outbound.clone() });
+        let returns = Returns::new(|| {});
+        let worker = Worker::new(GUEST, vsock.clone(), outbound, returns, queue_size);
+        Harness { mem, tx_mock, tx, next_desc: 0, next_slot: 0, worker, vsock, used: Vec::new() }
+    }
+
+    /// Puts one TX chain on the ring: `bytes` at a fresh slot, cut into descriptors of `cuts`.
+    fn offer(&mut self, bytes: &[u8], cuts: &[u32], flags: u16) -> u16 {
+        let base = DATA + self.next_slot * SLOT;
+        self.next_slot += 1;
+        self.mem.write_slice(bytes, GuestAddress(base)).expect("packet bytes");
+        let mut addr = base;
+        let head = self.next_desc;
+        let descs: Vec<RawDescriptor> = cuts
+            .iter()
+            .enumerate()
+            .map(|(i, &len)| {
+                let last = i + 1 == cuts.len();
+                let next_flag = if last {
+                    0
+                } else {
+                    virtio_bindings::bindings::virtio_ring::VRING_DESC_F_NEXT as u16
+                };
+                let desc = Descriptor::new(addr, len, flags | next_flag, head + i as u16 + 1);
+                addr += u64::from(len);
+                RawDescriptor::from(desc)
+            })
+            .collect();
+        self.tx_mock.add_desc_chains(&descs, head).expect("chain");
+        self.next_desc += cuts.len() as u16;
+        head
+    }
+
+    fn offer_packet(&mut self, repr: Repr, payload: &[u8]) -> u16 {
+        let mut bytes = Repr { len: payload.len() as u32, ..repr }.to_bytes().to_vec();
+        bytes.extend_from_slice(payload);
+        let cuts = if payload.is_empty() {
+            vec![HEADER_LEN as u32]
+        } else {
+            vec![HEADER_LEN as u32, payload.len() as u32]
+        };
+        self.offer(&bytes, &cuts, 0)
+    }
+
+    fn run_tx(&mut self) -> crate::worker::Progress {
+        self.worker.process_tx(&self.mem, &mut self.tx, &mut self.used)
+    }
+
+    /// The packets waiting for RX buffers, taken out.
+    fn outbound_ops(&mut self) -> Vec<Op> {
+        let mut ops = Vec::new();
+        let rx_mock = MockSplitQueue::create(&*self.mem, GuestAddress(0x40_0000), 256);
+        let mut rx: Queue = rx_mock.create_queue().expect("rx queue");
+        let descs: Vec<RawDescriptor> = (0..200u16)
+            .map(|i| {
+                RawDescriptor::from(Descriptor::new(
+                    0x50_0000 + u64::from(i) * 4096,
+                    4096,
+                    VRING_DESC_F_WRITE as u16,
+                    0,
+                ))
+            })
+            .collect();
+        rx_mock.add_desc_chains(&descs, 0).expect("rx chains");
+        let mut used = Vec::new();
+        while self.worker.rx_pending() && used.len() < 200 {
+            let before = used.len();
+            self.worker.process_rx(&self.mem, &mut rx, &mut used);
+            if used.len() == before {
+                break;
+            }
+        }
+        for entry in used {
+            let mut header = [0u8; HEADER_LEN];
+            let head = u64::from(entry.head);
+            self.mem
+                .read_slice(&mut header, GuestAddress(0x50_0000 + head * 4096))
+                .expect("rx header");
+            ops.push(Repr::parse_bytes(&header).expect("device header").op);
+        }
+        ops
+    }
+}
+
+fn from_guest(op: Op, src_port: u32, dst_port: u32) -> Repr {
+    let mut repr = Repr::new(
+        op,
+        SocketType::Stream,
+        Addr::new(GUEST, Port(src_port)),
+        Addr::new(Cid::HOST, Port(dst_port)),
+    );
+    repr.buf_alloc = 256 * 1024;
+    repr
+}
+
+#[test]
+fn spoofed_source_cid_is_dropped_and_its_chain_returned() {
+    let mut h = Harness::new(64);
+    let _listener =
+        VsockListener::bind(&h.vsock, Addr::new(Cid::ANY, Port(5000))).expect("listener");
+    let mut spoofed = from_guest(Op::Request, 1000, 5000);
+    spoofed.src.cid = Cid(4);
+    let head = h.offer_packet(spoofed, &[]);
+    h.run_tx();
+    assert_eq!(h.used, vec![Used { head, len: 0 }]);
+    assert_eq!(h.worker.stats.misaddressed, 1);
+    assert_eq!(h.outbound_ops(), vec![], "a spoofed REQUEST gets no answer at all");
+    // The guest's own CID is answered.
+    h.offer_packet(from_guest(Op::Request, 1000, 5000), &[]);
+    h.run_tx();
+    assert_eq!(h.outbound_ops(), vec![Op::Response]);
+}
+
+#[test]
+fn packets_for_another_destination_cid_are_dropped() {
+    let mut h = Harness::new(64);
+    let mut sibling = from_guest(Op::Request, 1000, 5000);
+    sibling.dst.cid = Cid(7);
+    h.offer_packet(sibling, &[]);
+    h.run_tx();
+    assert_eq!((h.worker.stats.misaddressed, h.used.len()), (1, 1));
+    assert_eq!(h.outbound_ops(), vec![]);
+}
+
+#[test]
+fn bad_chains_go_back_to_the_used_ring_and_the_next_packet_still_works() {
+    let mut h = Harness::new(64);
+    let request = from_guest(Op::Request, 1000, 5000).to_bytes();
+    let writable = h.offer(&request, &[44], VRING_DESC_F_WRITE as u16);
+    let short = h.offer(&request[..30], &[30], 0);
+    let mut lying = Repr { len: 1000, ..from_guest(Op::Rw, 1000, 5000) }.to_bytes().to_vec();
+    lying.extend_from_slice(&[0u8; 100]);
+    let lie = h.offer(&lying, &[44, 100], 0);
+    let outside = h.next_desc;
+    h.tx_mock
+        .add_desc_chains(&[RawDescriptor::from(Descriptor::new((32 << 20) - 8, 44, 0, 0))], outside)
+        .expect("chain");
+    h.next_desc += 1;
+    let good = h.offer_packet(from_guest(Op::Request, 1001, 5999), &[]);
+    h.run_tx();
+    let heads: Vec<u16> = h.used.iter().map(|u| u.head).collect();
+    assert_eq!(
+        heads,
+        vec![writable, short, lie, outside, good],
+        "every chain is returned, none leaked"
+    );
+    assert_eq!(h.worker.stats.bad_tx_chains, 4);
+    assert_eq!(h.outbound_ops(), vec![Op::Rst], "the good REQUEST (to a closed port) is answered");
+}
+
+#[test]
+fn credit_violation_resets_the_connection() {
+    let mut h = Harness::new(64);
+    let listener =
+        VsockListener::bind(&h.vsock, Addr::new(Cid::ANY, Port(5000))).expect("listener");
+    h.offer_packet(from_guest(Op::Request, 1000, 5000), &[]);
+    h.run_tx();
+    let (_server, _) = listener.accept().expect("accept");
+    assert_eq!(h.outbound_ops(), vec![Op::Response]);
+    // The child's buffer is 256 KiB; the guest sends 320 KiB that nobody reads.
+    for _ in 0..5 {
+        h.offer_packet(from_guest(Op::Rw, 1000, 5000), &vec![1u8; 65536]);
+    }
+    h.run_tx();
+    assert!(h.outbound_ops().contains(&Op::Rst), "more than the credit is reset, as Linux does");
+}
+
+#[test]
+fn a_flood_of_requests_to_one_port_is_bounded_by_the_backlog() {
+    let mut h = Harness::new(256);
+    let socket = zerovsock::VsockSocket::stream(&h.vsock).expect("socket");
+    socket.bind(Addr::new(Cid::ANY, Port(5000))).expect("bind");
+    let _listener = socket.listen(4).expect("listen");
+    for port in 0..100 {
+        h.offer_packet(from_guest(Op::Request, 2000 + port, 5000), &[]);
+    }
+    h.run_tx();
+    assert!(
+        h.vsock.socket_count() <= 1 + 5,
+        "{} sockets for a backlog of 4",
+        h.vsock.socket_count()
+    );
+    let ops = h.outbound_ops();
+    assert_eq!(ops.iter().filter(|op| **op == Op::Response).count(), 5);
+    assert_eq!(ops.iter().filter(|op| **op == Op::Rst).count(), 95);
+}
+
+#[test]
+fn a_guest_that_never_posts_rx_buffers_stops_being_served_before_replies_pile_up() {
+    let mut h = Harness::new(256);
+    h.worker.reply_limit = 32;
+    // Every REQUEST to a closed port is answered with RST, which needs an RX buffer.
+    for port in 0..256 {
+        h.offer_packet(from_guest(Op::Request, 3000 + port, 6000), &[]);
+    }
+    let mut rounds = 0;
+    loop {
+        let progress = h.run_tx();
+        rounds += 1;
+        if progress.blocked || progress.chains == 0 || rounds > 10 {
+            assert!(progress.blocked, "TX must stop while replies wait");
+            break;
+        }
+    }
+    assert!(
+        h.worker.outbound.len() <= h.worker.reply_limit,
+        "{} replies queued",
+        h.worker.outbound.len()
+    );
+    assert_eq!(h.used.len(), 32, "the rest of the guest's TX queue waits");
+}
+
+#[test]
+fn held_chains_are_bounded_and_payloads_past_the_bound_are_copied() {
+    let mut h = Harness::new(16);
+    let listener =
+        VsockListener::bind(&h.vsock, Addr::new(Cid::ANY, Port(5000))).expect("listener");
+    h.offer_packet(from_guest(Op::Request, 1000, 5000), &[]);
+    h.run_tx();
+    let (server, _) = listener.accept().expect("accept");
+    h.used.clear();
+    for i in 0..12u8 {
+        let mut bytes = Repr { len: 1000, ..from_guest(Op::Rw, 1000, 5000) }.to_bytes().to_vec();
+        bytes.extend_from_slice(&[i; 1000]);
+        h.offer(&bytes, &[1044], 0);
+    }
+    h.run_tx();
+    // Half the queue (8) stay in guest memory; the other four are copied and returned now.
+    assert_eq!(h.worker.returns.outstanding(), 8);
+    assert_eq!(h.worker.stats.copied_tx, 4);
+    assert_eq!(h.used.len(), 4);
+    let mut got = vec![0u8; 12_000];
+    std::io::Read::read_exact(&mut &server, &mut got).expect("read");
+    assert_eq!(h.worker.returns.outstanding(), 0, "read data gives the guest its chains back");
+    let expected: Vec<u8> = (0..12u8).flat_map(|i| [i; 1000]).collect();
+    assert_eq!(got, expected);
+}
