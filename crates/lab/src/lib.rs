@@ -64,6 +64,11 @@ impl Lab {
         Ok(Lab { cache, kernel, applets })
     }
 
+    /// A fresh directory in the lab's cache, for one run's files.
+    pub fn workdir(&self) -> Result<PathBuf> {
+        tempdir(&self.cache)
+    }
+
     /// The guest kernel.
     pub fn kernel(&self) -> &Kernel {
         &self.kernel
@@ -132,6 +137,31 @@ pub fn build_static_tests(package: &str) -> Result<Vec<PathBuf>> {
         bail!("cargo built no test binary for {package}");
     }
     Ok(binaries)
+}
+
+/// Builds one example of `package` as a static executable for the guest and returns its path.
+pub fn build_static_example(package: &str, example: &str) -> Result<PathBuf> {
+    let root = workspace_root()?;
+    let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .current_dir(&root)
+        .args(["build", "--release", "--locked", "-p", package, "--example", example])
+        .args(["--target", "x86_64-unknown-linux-gnu", "--message-format", "json"])
+        .arg("--target-dir")
+        .arg(root.join("target/guest"))
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("building a guest example")?;
+    if !out.status.success() {
+        bail!("building example {example} of {package} failed");
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|message| message["reason"] == "compiler-artifact")
+        .filter(|message| message["target"]["name"] == example)
+        .find_map(|message| message["executable"].as_str().map(PathBuf::from))
+        .with_context(|| format!("cargo built no executable for example {example}"))
 }
 
 /// The test executables among cargo's JSON messages (`--message-format json`): artifacts built

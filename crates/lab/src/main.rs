@@ -5,6 +5,8 @@
 //! * `guest-tests [--package P]`: build P's tests as static binaries and run them inside a
 //!   guest (their guest-only tests are `#[ignore]`d on the host and run here with `--ignored`).
 //! * `selftest`: two guests at once, joined by a network link, exchange a line.
+//! * `device-tests`: a guest with `vhost-user-vsock-pci` against the project's device (see
+//!   `device.rs`).
 
 #![forbid(unsafe_code)]
 
@@ -15,6 +17,8 @@ use std::time::Duration;
 use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
 use zerovsock_lab::{build_static_tests, Guest, Lab, NetLink};
+
+mod device;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -48,6 +52,9 @@ enum Cmd {
     },
     /// Boot two guests with a network link between them and pass a line across.
     Selftest,
+    /// A guest with vhost-user-vsock-pci against the project's device: data both ways through
+    /// the Unix endpoints and the socket API, MSG_ZEROCOPY from the guest, a refused connect.
+    DeviceTests,
 }
 
 fn main() {
@@ -72,6 +79,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::GuestTests { package } => guest_tests(&package, &guest),
         Cmd::Selftest => selftest(&guest),
+        Cmd::DeviceTests => device::run(&guest),
     }
 }
 
