@@ -70,6 +70,37 @@ impl Engine {
         }
     }
 
+    /// The peer at `cid` is gone (its device was released, its VM stopped): every connection
+    /// to it ends as if it had sent RST, so the application sees ECONNRESET and nothing is
+    /// sent to it. `vhost_vsock_reset_orphans` does this when a guest's vhost device is
+    /// released.
+    pub fn reset_peer(&mut self, now: Instant, cid: Cid) {
+        let peers: Vec<(SocketId, Addr, Addr, SocketType)> = self
+            .connected
+            .iter()
+            .filter(|((_, remote), _)| remote.cid == cid)
+            .filter_map(|((local, remote), id)| {
+                self.sockets.get(id).map(|s| (*id, *local, *remote, s.socket_type))
+            })
+            .collect();
+        for (id, local, remote, socket_type) in peers {
+            let local = Addr::new(self.config.local_cid, local.port);
+            let rst = Repr::new(Op::Rst, socket_type, remote, local);
+            self.handle_packet(now, Packet::control(rst));
+            // Unlike a peer's RST, this is an error (`sk_err = ECONNRESET`).
+            if let Some(socket) = self.sockets.get_mut(&id).filter(|s| !s.orphan) {
+                socket.error.get_or_insert(SocketError::ConnectionReset);
+                self.out.wake(id, socket);
+            }
+            // The peer's next life may reuse these addresses (a guest restarted with the same
+            // ports): it must reach a listener, not this dead connection. Linux leaves the
+            // socket listed until its application releases it.
+            self.unlist(id);
+        }
+        // The RSTs were the peer's; nothing answers them, but drop anything queued for it.
+        self.out.transmit.retain(|packet| packet.repr.dst.cid != cid);
+    }
+
     /// Handles raw bytes of a header (for transports that carry bytes). A header that does not
     /// parse is answered as Linux answers it: an unknown op goes to its socket like any packet
     /// and is dropped by an established one (`virtio_transport_recv_connected`, `default:`);

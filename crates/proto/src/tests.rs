@@ -1208,3 +1208,31 @@ fn closing_the_unclaimed_listener_refuses_its_waiting_children() {
     assert_eq!(host.engine.socket_count(), 0);
     assert_eq!(host.deliver(request_to(7000, 2), &[]), Disposition::Refused);
 }
+
+/// `vhost_vsock_reset_orphans`: when the guest's device goes away, its connections end with
+/// ECONNRESET and nothing more is sent to it; connections to other peers stay.
+#[test]
+fn reset_peer_ends_every_connection_to_that_cid_only() {
+    let mut host = Host::new();
+    let established = host.established(SocketType::Stream);
+    let connecting = connecting(&mut host);
+    let other = host.engine.open(SocketType::Stream).unwrap();
+    host.engine.connect(host.now, other, Addr::new(Cid(9), Port(1))).unwrap();
+    drop(host.sent());
+    host.engine.reset_peer(host.now, GUEST);
+    assert_eq!(host.sent(), vec![], "nothing is sent to a peer that is gone");
+    assert_eq!(
+        host.engine.connect_result(connecting),
+        Err(ConnectError::Failed(SocketError::ConnectionReset))
+    );
+    let request = SendRequest {
+        remaining: 1,
+        at_segment_start: true,
+        zerocopy: false,
+        eor: false,
+        max_pass: usize::MAX,
+    };
+    assert!(host.engine.begin_send(established, request).is_err());
+    assert!(host.engine.readiness(established).error, "the reset is reported as an error");
+    assert_eq!(host.engine.connect_result(other), Ok(false), "a connection to another CID goes on");
+}

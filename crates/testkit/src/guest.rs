@@ -100,7 +100,7 @@ impl GuestDriver {
     }
 
     /// Stops the driver and disconnects from the backend; returns the driver thread's error.
-    pub fn shutdown(mut self) -> io::Result<()> {
+    pub fn shutdown(&mut self) -> io::Result<()> {
         self.stop_thread()
     }
 

@@ -81,7 +81,10 @@ pub struct Device {
     vsock: Vsock,
     outbound: Arc<Outbound>,
     _bridge: Option<bridge::Bridge>,
-    last: Mutex<Option<Arc<Backend>>>,
+    /// The session being served, if any.
+    current: Mutex<Option<Arc<Backend>>>,
+    /// Counts of the sessions that ended.
+    ended: Mutex<DeviceStats>,
 }
 
 impl Device {
@@ -107,7 +110,14 @@ impl Device {
             Some(path) => Some(bridge::Bridge::start(&vsock, Cid(config.guest_cid), path)?),
             None => None,
         };
-        Ok(Device { config, vsock, outbound, _bridge: bridge, last: Mutex::new(None) })
+        Ok(Device {
+            config,
+            vsock,
+            outbound,
+            _bridge: bridge,
+            current: Mutex::new(None),
+            ended: Mutex::new(DeviceStats::default()),
+        })
     }
 
     /// The host endpoint (CID 2) facing this guest: sockets on it talk to the guest.
@@ -120,14 +130,14 @@ impl Device {
         &self.config
     }
 
-    /// What the queues refused or copied, for the current or last session.
+    /// What the queues did, refused or copied, over every session so far.
     pub fn stats(&self) -> DeviceStats {
-        self.last
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .as_ref()
-            .map(|b| b.stats())
-            .unwrap_or_default()
+        let mut stats = *self.ended.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(backend) = self.current.lock().unwrap_or_else(PoisonError::into_inner).as_ref()
+        {
+            stats.add(&backend.stats());
+        }
+        stats
     }
 
     /// Serves frontends on the vhost-user socket `socket`, one after another, forever: when a
@@ -138,8 +148,9 @@ impl Device {
         }
     }
 
-    /// Serves one frontend on `socket` until it disconnects. Packets still waiting for that
-    /// guest are dropped.
+    /// Serves one frontend on `socket` until it disconnects. Then packets still waiting for
+    /// that guest are dropped and its connections end with ECONNRESET, as when a vhost-vsock
+    /// device is released.
     pub fn serve_one(&self, socket: &Path) -> io::Result<()> {
         let returns_kick = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
         let returns = backend::returns_with(&returns_kick);
@@ -156,7 +167,7 @@ impl Device {
             worker,
             returns_kick.clone(),
         )?);
-        *self.last.lock().unwrap_or_else(PoisonError::into_inner) = Some(backend.clone());
+        *self.current.lock().unwrap_or_else(PoisonError::into_inner) = Some(backend.clone());
         let memory = GuestMemoryAtomic::new(GuestMemory::new());
         let mut daemon = VhostUserDaemon::new("zerovsock-vhost".into(), backend.clone(), memory)
             .map_err(|e| io::Error::other(format!("vhost-user daemon: {e}")))?;
@@ -174,6 +185,9 @@ impl Device {
         }
         let result = daemon.serve(socket).map_err(|e| io::Error::other(format!("vhost-user: {e}")));
         backend.reset();
+        self.vsock.reset_peer(Cid(self.config.guest_cid));
+        self.current.lock().unwrap_or_else(PoisonError::into_inner).take();
+        self.ended.lock().unwrap_or_else(PoisonError::into_inner).add(&backend.stats());
         result
     }
 }

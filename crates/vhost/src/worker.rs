@@ -121,6 +121,18 @@ pub struct DeviceStats {
     pub tx_packets: u64,
 }
 
+impl DeviceStats {
+    /// Adds another session's counts.
+    pub(crate) fn add(&mut self, other: &DeviceStats) {
+        self.bad_tx_chains += other.bad_tx_chains;
+        self.bad_rx_chains += other.bad_rx_chains;
+        self.misaddressed += other.misaddressed;
+        self.copied_tx += other.copied_tx;
+        self.rx_packets += other.rx_packets;
+        self.tx_packets += other.tx_packets;
+    }
+}
+
 /// The state of one device session's queue work.
 pub(crate) struct Worker {
     pub(crate) guest_cid: Cid,

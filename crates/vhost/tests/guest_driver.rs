@@ -20,6 +20,12 @@ struct Setup {
     guest: GuestDriver,
 }
 
+impl Drop for Setup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 fn setup(layout: TxLayout) -> Setup {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     let dir = std::env::temp_dir().join(format!(
@@ -175,4 +181,36 @@ fn native_socket_api_on_the_device_sends_zerocopy_to_the_guest() {
         host.recv_completion().expect("a completion once the bytes are in guest memory");
     assert_eq!((completion.lo, completion.hi, completion.copied), (0, 0, false));
     guest.join().expect("guest thread");
+}
+
+#[test]
+fn a_frontend_that_goes_away_resets_its_connections_and_the_next_one_is_served() {
+    let mut s = setup(TxLayout::Linux);
+    let listener = VsockListener::bind(s.device.vsock(), Addr::new(Cid::ANY, Port(6001)))
+        .expect("host listener");
+    let guest_side = VsockStream::connect(s.guest.vsock(), Addr::new(Cid::HOST, Port(6001)))
+        .expect("guest connect");
+    let (host, _) = listener.accept().expect("host accept");
+    (&guest_side).write_all(b"before").expect("guest write");
+    let mut before = [0u8; 6];
+    (&host).read_exact(&mut before).expect("host read");
+    s.guest.shutdown().expect("guest driver stops cleanly");
+    // The device notices the frontend is gone and ends the host's connection as Linux does
+    // (`vhost_vsock_reset_orphans`): reads see end of stream, poll an error, sends EPIPE.
+    host.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    let mut rest = [0u8; 1];
+    assert_eq!((&host).read(&mut rest).expect("end of stream"), 0);
+    assert!(host.readiness().error, "the reset shows as POLLERR");
+    let error = (&host).write(b"x").expect_err("the guest is gone");
+    assert_eq!(error.raw_os_error(), Some(libc::EPIPE), "{error}");
+    // A new frontend (a restarted VM) is served on the same socket.
+    let again =
+        GuestDriver::connect(&s.dir.join("vhost.sock"), TxLayout::Linux).expect("second frontend");
+    let second = VsockStream::connect(again.vsock(), Addr::new(Cid::HOST, Port(6001)))
+        .expect("connect again");
+    let (host2, _) = listener.accept().expect("second accept");
+    (&second).write_all(b"after").expect("write");
+    let mut after = [0u8; 5];
+    (&host2).read_exact(&mut after).expect("read");
+    assert_eq!(&after, b"after");
 }

@@ -116,6 +116,12 @@ impl Vsock {
         });
     }
 
+    /// For a transport whose peer went away (a guest's device was released): every connection
+    /// to `cid` ends with ECONNRESET, and nothing more is sent to it.
+    pub fn reset_peer(&self, cid: wire::Cid) {
+        self.shared.with(|engine, now| engine.reset_peer(now, cid));
+    }
+
     /// Sockets alive on this endpoint, including connections still closing.
     pub fn socket_count(&self) -> usize {
         self.shared.lock().engine.socket_count()
