@@ -275,3 +275,96 @@ fn held_chains_are_bounded_and_payloads_past_the_bound_are_copied() {
     let expected: Vec<u8> = (0..12u8).flat_map(|i| [i; 1000]).collect();
     assert_eq!(got, expected);
 }
+
+// ---- Review tests (branch review-device) ----------------------------------------------------
+
+impl Harness {
+    /// What `Device::serve_one` builds: the worker sized by `DeviceConfig::queue_size` (the
+    /// largest queue the frontend may set up), the TX ring as the frontend set it up.
+    fn with_sizes(configured: u16, ring: u16) -> Harness {
+        let mut h = Harness::new(ring);
+        let returns = Returns::new(|| {});
+        h.worker =
+            Worker::new(GUEST, h.vsock.clone(), h.worker.outbound.clone(), returns, configured);
+        h
+    }
+
+    /// The guest reuses its ring: a fresh TX ring of `size` at `base` (the worker keeps no
+    /// per-ring state, so this is what a guest recycling its descriptors looks like).
+    fn new_tx_ring(&mut self, base: u64, size: u16) {
+        let leaked: &'static GuestMemory = Box::leak(Box::new(self.mem.clone()));
+        self.tx_mock = MockSplitQueue::create(leaked, GuestAddress(base), size);
+        self.tx = self.tx_mock.create_queue().expect("tx queue");
+        self.next_desc = 0;
+    }
+}
+
+/// QEMU's vhost-user-vsock-pci sets up 128-entry rings (`VHOST_VSOCK_QUEUE_SIZE`) while the
+/// device's default maximum is 1024: "half the queue" must be half of the ring in use, or
+/// every TX descriptor the guest has can end up held by payloads nobody reads, and the guest
+/// can send nothing on any other connection.
+#[test]
+fn review_held_chains_are_bounded_by_the_ring_in_use_not_the_configured_maximum() {
+    let mut h = Harness::with_sizes(1024, 128);
+    let listener =
+        VsockListener::bind(&h.vsock, Addr::new(Cid::ANY, Port(5000))).expect("listener");
+    h.offer_packet(from_guest(Op::Request, 1000, 5000), &[]);
+    h.run_tx();
+    let (_server, _) = listener.accept().expect("accept");
+    // 120 KiB within the host's 256 KiB credit, on one connection whose reader is busy.
+    for i in 0..120u8 {
+        let mut bytes = Repr { len: 1024, ..from_guest(Op::Rw, 1000, 5000) }.to_bytes().to_vec();
+        bytes.extend_from_slice(&[i; 1024]);
+        h.offer(&bytes, &[44 + 1024], 0); // one descriptor each: 121 chains fit the ring
+    }
+    h.run_tx();
+    assert!(
+        h.worker.returns.outstanding() <= 64,
+        "{} of the guest's 128 TX descriptors held by one connection's unread data (bound: half \
+         the ring, 64)",
+        h.worker.returns.outstanding()
+    );
+}
+
+/// `vhost_vsock_more_replies`: TX stops while `queued_replies >= tx_vq->num`, the size of the
+/// ring the driver set up (128 with QEMU), not the device's configured maximum.
+#[test]
+fn review_tx_stops_at_the_ring_size_in_replies_for_a_guest_without_rx_buffers() {
+    let mut h = Harness::with_sizes(1024, 128);
+    // Two full rings of REQUESTs to a closed port; each is answered with RST, which needs an
+    // RX buffer the guest never posts.
+    for (round, base) in [0x8_0000u64, 0xC_0000].into_iter().enumerate() {
+        h.new_tx_ring(base, 128);
+        for port in 0..120u32 {
+            h.offer_packet(from_guest(Op::Request, 3000 + 200 * round as u32 + port, 6000), &[]);
+        }
+        h.run_tx();
+    }
+    assert!(
+        h.worker.outbound.len() <= 128,
+        "{} replies queued for a guest with a 128-entry ring and no RX buffers (Linux stops TX \
+         at 128)",
+        h.worker.outbound.len()
+    );
+}
+
+/// Linux purges a connect's queued REQUEST when the connect times out
+/// (`vsock_connect_timeout` -> `vhost_transport_cancel_pkt`). Here it stays queued for the
+/// guest forever, one more per attempt: a host program retrying `CONNECT <port>` against a
+/// guest that posts no RX buffers grows the device's queue without bound, and a guest that
+/// wakes up later is sent REQUESTs for connections the host has long forgotten.
+#[test]
+fn review_timed_out_host_connects_leave_nothing_queued_for_the_guest() {
+    let h = Harness::new(64);
+    for _ in 0..20 {
+        let socket = zerovsock::VsockSocket::stream(&h.vsock).expect("socket");
+        socket.set_connect_timeout(std::time::Duration::from_millis(5)).expect("timeout");
+        let error = socket.connect(Addr::new(GUEST, Port(4000))).expect_err("nobody answers");
+        assert_eq!(error.kind(), std::io::ErrorKind::TimedOut, "{error}");
+    }
+    assert_eq!(
+        h.worker.outbound.len(),
+        0,
+        "REQUESTs of timed-out connects still queued for the guest"
+    );
+}
