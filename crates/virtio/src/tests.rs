@@ -329,3 +329,25 @@ fn rx_in_place_payload_gets_its_header() {
     assert_eq!((header.len, bytes.as_slice()), (7, b"inplace".as_slice()));
     assert_eq!(buffer.finish_in_place(&mem, &repr(7), 4001), None, "past the buffer");
 }
+
+/// The issue and DESIGN.md section 4: "never an RW payload over 64 KiB" into the guest.
+/// `vhost_transport_do_send_pkt` can rely on skbs of at most 64 KiB; `RxBuffer::fill` takes
+/// any `Payload` and cuts it only at the buffer's capacity, so a driver that posts one large
+/// buffer (1 MiB here; nothing forbids it) is handed a single RW packet of any size.
+#[test]
+fn review_rx_never_writes_an_rw_payload_over_64_kib() {
+    let mem = memory();
+    let buffer = rx_chain(&mem, &cut(&[1 << 20], W)).expect("rx buffer");
+    let data = pattern(70_000, 9);
+    let chunk = buffer.fill(&mem, &repr(70_000), &Payload::from(data), 0).expect("fill");
+    assert!(
+        chunk.payload_len <= 65_536,
+        "one RW packet of {} payload bytes written into the guest",
+        chunk.payload_len
+    );
+    let used = buffer.finish_in_place(&mem, &repr(0), 70_000);
+    assert!(
+        used.is_none_or(|used| used.len as usize <= HEADER_LEN + 65_536),
+        "finish_in_place announced an RW payload of 70000 bytes"
+    );
+}
