@@ -1,6 +1,7 @@
-//! Review: TX chains held in payloads across a vring stop (GET_VRING_BASE) and a new ring.
+//! Review: the device as a raw vhost-user frontend sees it (a minimal driver that negotiates
+//! only VERSION_1, i.e. no SEQPACKET and no EVENT_IDX, and writes its rings by hand).
 //!
-//! A guest reset (reboot, driver reload, `virsh reset`) or a migration makes the VMM stop the
+//! TX chains held in payloads across a vring stop (GET_VRING_BASE) and a new ring: a guest reset (reboot, driver reload, `virsh reset`) or a migration makes the VMM stop the
 //! rings (GET_VRING_BASE) and set them up again from index 0. Linux's vhost-vsock holds no
 //! chain across that: `vhost_vsock_handle_tx_kick` copies each packet into an skb and calls
 //! `vhost_add_used` before it returns, and `vhost_vsock_stop` + flush runs before the rings
@@ -25,7 +26,7 @@ use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Address, Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 use zerovsock::wire::{Addr, Cid, Op, Port, Repr, SocketType};
-use zerovsock::VsockListener;
+use zerovsock::{VsockListener, VsockSeqpacketListener, VsockSocket};
 use zerovsock_vhost::{Device, DeviceConfig};
 
 const QUEUE: u16 = 64;
@@ -66,8 +67,12 @@ impl Driver {
                 (1 << VIRTIO_F_VERSION_1) | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(),
             )
             .expect("features");
-        let path =
-            std::env::temp_dir().join(format!("zerovsock-review-reset-mem-{}", std::process::id()));
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "zerovsock-review-mem-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::SeqCst)
+        ));
         let file = File::options()
             .read(true)
             .write(true)
@@ -219,5 +224,58 @@ fn review_a_chain_held_across_a_ring_reset_is_not_returned_into_the_new_ring() {
         idx, 0,
         "the new driver made nothing available, yet its TX used ring's idx is {idx} (ids in \
          the first slots: {ids:?}; head {held} was a chain from before the reset)"
+    );
+}
+
+fn device_and_driver(tag: &str) -> (Arc<Device>, Driver) {
+    let dir = std::env::temp_dir().join(format!("zerovsock-review-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let device = Arc::new(Device::new(DeviceConfig::new(3)).expect("device"));
+    let socket = dir.join("vhost.sock");
+    let serving = device.clone();
+    let path = socket.clone();
+    thread::spawn(move || serving.serve(&path));
+    let driver = Driver::connect(&socket);
+    (device, driver)
+}
+
+/// `vhost_transport_seqpacket_allow` is `vsock->seqpacket_allow`, set from the features the
+/// driver acked (`vhost_vsock_set_features`); `vsock_assign_transport` fails a SEQPACKET
+/// connect with ESOCKTNOSUPPORT at once when it is off. `DeviceTransport::supports_seqpacket`
+/// is always true and the backend never looks at the acked features: the host's connect goes
+/// out as a SEQPACKET REQUEST the guest never agreed to, and fails later, another way.
+#[test]
+fn review_host_seqpacket_connect_fails_at_once_when_the_guest_did_not_ack_seqpacket() {
+    let (device, _driver) = device_and_driver("seq-connect");
+    let socket = VsockSocket::seqpacket(device.vsock()).expect("socket");
+    socket.set_connect_timeout(Duration::from_millis(500)).expect("timeout");
+    let started = Instant::now();
+    let error = socket.connect(Addr::new(Cid(3), Port(4000))).expect_err("no SEQPACKET");
+    assert_eq!(
+        error.raw_os_error(),
+        Some(libc::ESOCKTNOSUPPORT),
+        "{error} after {:?}",
+        started.elapsed()
+    );
+}
+
+/// The other way: `virtio_transport_recv_listen` -> `vsock_assign_transport(child)` fails for
+/// a SEQPACKET child without the feature, and the REQUEST gets RST. Here it is accepted.
+#[test]
+fn review_guest_seqpacket_request_is_refused_when_the_guest_did_not_ack_seqpacket() {
+    let (device, mut driver) = device_and_driver("seq-request");
+    let listener = VsockSeqpacketListener::bind(device.vsock(), Addr::new(Cid::ANY, Port(5000)))
+        .expect("host listener");
+    let mut request = from_guest(Op::Request);
+    request.socket_type = SocketType::Seqpacket;
+    driver.send(request, &[]);
+    wait_for("the REQUEST's chain", || driver.tx_used().0 == 1);
+    thread::sleep(Duration::from_millis(100));
+    listener.set_nonblocking(true).expect("nonblocking");
+    let accepted = listener.accept();
+    assert!(
+        accepted.is_err(),
+        "a SEQPACKET connection from a guest that did not negotiate SEQPACKET was accepted: {:?}",
+        accepted.map(|(_, peer)| peer)
     );
 }
