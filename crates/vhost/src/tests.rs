@@ -368,3 +368,34 @@ fn review_timed_out_host_connects_leave_nothing_queued_for_the_guest() {
         "REQUESTs of timed-out connects still queued for the guest"
     );
 }
+
+/// `vhost_vsock_more_replies` counts `queued_replies`: only the packets the host makes in
+/// answer to the guest's (RESPONSE, RST; `virtio_vsock_skb_reply`). The worker counts every
+/// packet waiting for the guest, host data included (`outbound.len()`), so a host program
+/// writing to the guest faster than the guest posts RX buffers stops all guest TX: the
+/// guest's own data and credit updates on every connection wait behind host data.
+#[test]
+fn review_host_data_waiting_for_rx_buffers_does_not_stop_guest_tx() {
+    let mut h = Harness::new(64);
+    let listener =
+        VsockListener::bind(&h.vsock, Addr::new(Cid::ANY, Port(5000))).expect("listener");
+    h.offer_packet(from_guest(Op::Request, 1000, 5000), &[]);
+    h.run_tx();
+    let (server, _) = listener.accept().expect("accept");
+    // The host writes 64 small messages; the guest has not posted RX buffers for them yet.
+    for i in 0..64u8 {
+        std::io::Write::write_all(&mut &server, &[i; 100]).expect("host write");
+    }
+    assert!(h.worker.outbound.len() >= 64, "{} packets wait", h.worker.outbound.len());
+    // One reply (the RESPONSE) is queued; the guest now sends 10 bytes on the connection.
+    h.offer_packet(from_guest(Op::Rw, 1000, 5000), b"0123456789");
+    let progress = h.run_tx();
+    assert!(
+        !progress.blocked && progress.chains == 1,
+        "guest TX stopped by {} packets of host data waiting for RX buffers ({progress:?}); \
+         Linux counts only replies (1 here) against the ring size",
+        h.worker.outbound.len()
+    );
+    let mut got = [0u8; 10];
+    std::io::Read::read_exact(&mut &server, &mut got).expect("host read");
+}
