@@ -432,7 +432,15 @@ impl Engine {
             let Some(socket) = self.sockets.get_mut(&id) else { continue };
             socket.deadline = None;
             match socket.state {
-                State::Connecting if !socket.orphan => self.fail_connect(id, SocketError::TimedOut),
+                State::Connecting if !socket.orphan => {
+                    // `vsock_connect_timeout` -> `vsock_transport_cancel_pkt`: the REQUEST
+                    // still waiting in the transport must not go out late.
+                    if let (Some(local), Some(remote)) = (socket.local, socket.remote) {
+                        let local = Addr::new(self.config.local_cid, local.port);
+                        self.out.cancels.push((local, remote));
+                    }
+                    self.fail_connect(id, SocketError::TimedOut)
+                }
                 _ if socket.orphan => {
                     if !socket.done {
                         self.out.send(socket, Op::Rst, 0, Payload::new());

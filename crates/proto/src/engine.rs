@@ -146,6 +146,8 @@ pub struct Engine {
 pub(crate) struct Outbox {
     pub(crate) transmit: VecDeque<Packet>,
     pub(crate) wakeups: Vec<SocketId>,
+    /// Connections whose packets still queued in the transport are void (`cancel_pkt`).
+    pub(crate) cancels: Vec<(Addr, Addr)>,
 }
 
 impl Outbox {
@@ -200,6 +202,13 @@ impl Engine {
             timers: BTreeSet::new(),
             sink: CompletionSink::default(),
         }
+    }
+
+    /// The transport renegotiated SEQPACKET (a device learns it from the driver's features,
+    /// per session): from now on SEQPACKET connects and REQUESTs follow `enabled`
+    /// (`seqpacket_allow`).
+    pub fn set_seqpacket(&mut self, enabled: bool) {
+        self.config.seqpacket = enabled;
     }
 
     /// The configuration the engine was built with.
@@ -716,6 +725,13 @@ impl Engine {
     /// The next packet to hand to the transport.
     pub fn poll_transmit(&mut self) -> Option<Packet> {
         self.out.transmit.pop_front()
+    }
+
+    /// A connection whose packets, if the transport still holds any, must not be sent: a
+    /// connect that timed out takes back its REQUEST (`vsock_transport_cancel_pkt`). Given as
+    /// (local, remote) addresses, as in the packets' `src` and `dst`.
+    pub fn poll_cancel(&mut self) -> Option<(Addr, Addr)> {
+        self.out.cancels.pop()
     }
 
     /// The next socket whose readiness may have changed.

@@ -56,6 +56,9 @@ pub enum TxLayout {
     Pages,
     /// Header and payload in one descriptor.
     Single,
+    /// The header alone, then the whole payload in one descriptor (the classic layout, the
+    /// only multi-descriptor one vhost-device-vsock 0.3.0 accepts).
+    HeaderAndData,
 }
 
 /// The guest and its driver thread.
@@ -465,6 +468,10 @@ impl Rings {
             TxLayout::Pages => {
                 cuts.push((base, HEADER_LEN as u32));
                 cuts.extend(piece(4096));
+            }
+            TxLayout::HeaderAndData => {
+                cuts.push((base, HEADER_LEN as u32));
+                cuts.extend(piece(usize::MAX));
             }
         }
         let first = slot * SLOT_DESCS;

@@ -71,9 +71,20 @@ impl Backend {
         self.lock().worker.stats
     }
 
-    /// Ends the session's packets: nothing more will reach this guest.
+    /// Ends the session's packets: nothing more will reach this guest, and no held chain
+    /// is given back.
     pub(crate) fn reset(&self) {
-        self.lock().worker.reset();
+        let mut state = self.lock();
+        state.worker.reset();
+        state.worker.returns.detach_all();
+    }
+
+    /// Stops the session's vring worker threads.
+    pub(crate) fn exit(&self) {
+        let exit = self.exit.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((_, notifier)) = exit.as_ref() {
+            let _ = notifier.notify();
+        }
     }
 
     /// One round of work: return released TX chains, take TX, fill RX, and come back for more
@@ -188,6 +199,22 @@ impl VhostUserBackend for Backend {
 
     fn set_event_idx(&self, enabled: bool) {
         self.lock().event_idx = enabled;
+    }
+
+    fn acked_features(&self, features: u64) {
+        // `vhost_vsock_set_features`: SEQPACKET is allowed only if the driver acked it.
+        let seqpacket = features & Features::SEQPACKET.bits() != 0;
+        self.lock().worker.vsock.set_seqpacket(seqpacket);
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        // GET_VRING_BASE: the driver takes the ring back (a reset, a stop, a migration). The
+        // payloads still holding its TX chains are copied out, and those chains are never
+        // returned: their heads may mean other buffers in the next ring.
+        if queue_index == u32::from(TX_QUEUE) {
+            self.lock().worker.returns.detach_all();
+        }
+        Ok(())
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {

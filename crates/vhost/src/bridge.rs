@@ -194,10 +194,10 @@ impl Executor {
             for id in std::mem::take(&mut due) {
                 self.turn(id, &mut due);
             }
-            if !due.is_empty() {
-                continue;
-            }
-            let count = match self.epoll.wait(1000, &mut events) {
+            // With work still due, only look for new events (new connections, other tasks'
+            // wake-ups) without waiting, so a busy connection cannot hide them.
+            let timeout = if due.is_empty() { 1000 } else { 0 };
+            let count = match self.epoll.wait(timeout, &mut events) {
                 Ok(count) => count,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(_) => return,

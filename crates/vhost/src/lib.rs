@@ -40,6 +40,7 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
+use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::GuestMemoryAtomic;
 use vmm_sys_util::epoll::EventSet;
@@ -141,17 +142,30 @@ impl Device {
     }
 
     /// Serves frontends on the vhost-user socket `socket`, one after another, forever: when a
-    /// frontend disconnects, the next one is served (a restarted VMM reconnects).
+    /// frontend disconnects (or breaks the protocol), the next one is served; a VMM that
+    /// connects meanwhile waits in the socket's backlog until then.
     pub fn serve(&self, socket: &Path) -> io::Result<()> {
+        let mut listener = Listener::new(socket, true)
+            .map_err(|e| io::Error::other(format!("listening on {}: {e}", socket.display())))?;
         loop {
-            self.serve_one(socket)?;
+            if let Err(error) = self.session(&mut listener) {
+                // One frontend's failure ends its session, not the device.
+                eprintln!("zerovsock-vhost: {}: session ended: {error}", socket.display());
+            }
         }
     }
 
-    /// Serves one frontend on `socket` until it disconnects. Then packets still waiting for
-    /// that guest are dropped and its connections end with ECONNRESET, as when a vhost-vsock
-    /// device is released.
+    /// Serves one frontend on `socket` until it disconnects.
     pub fn serve_one(&self, socket: &Path) -> io::Result<()> {
+        let mut listener = Listener::new(socket, true)
+            .map_err(|e| io::Error::other(format!("listening on {}: {e}", socket.display())))?;
+        self.session(&mut listener)
+    }
+
+    /// One frontend, from its connect to its disconnect. Then packets still waiting for that
+    /// guest are dropped and its connections end with ECONNRESET, as when a vhost-vsock
+    /// device is released.
+    fn session(&self, listener: &mut Listener) -> io::Result<()> {
         let returns_kick = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
         let returns = backend::returns_with(&returns_kick);
         let worker = Worker::new(
@@ -159,7 +173,6 @@ impl Device {
             self.vsock.clone(),
             self.outbound.clone(),
             returns,
-            self.config.queue_size,
         );
         let backend = Arc::new(Backend::new(
             u64::from(self.config.guest_cid),
@@ -167,23 +180,25 @@ impl Device {
             worker,
             returns_kick.clone(),
         )?);
-        *self.current.lock().unwrap_or_else(PoisonError::into_inner) = Some(backend.clone());
         let memory = GuestMemoryAtomic::new(GuestMemory::new());
         let mut daemon = VhostUserDaemon::new("zerovsock-vhost".into(), backend.clone(), memory)
             .map_err(|e| io::Error::other(format!("vhost-user daemon: {e}")))?;
         for handler in daemon.get_epoll_handlers() {
-            handler
-                .register_listener(
-                    self.outbound.kick.as_raw_fd(),
-                    EventSet::IN,
-                    u64::from(OUTBOUND_EVENT),
-                )
-                .map_err(|e| io::Error::other(format!("epoll: {e}")))?;
-            handler
-                .register_listener(returns_kick.as_raw_fd(), EventSet::IN, u64::from(RETURNS_EVENT))
-                .map_err(|e| io::Error::other(format!("epoll: {e}")))?;
+            for (fd, event) in [
+                (self.outbound.kick.as_raw_fd(), OUTBOUND_EVENT),
+                (returns_kick.as_raw_fd(), RETURNS_EVENT),
+            ] {
+                handler
+                    .register_listener(fd, EventSet::IN, u64::from(event))
+                    .map_err(|e| io::Error::other(format!("epoll: {e}")))?;
+            }
         }
-        let result = daemon.serve(socket).map_err(|e| io::Error::other(format!("vhost-user: {e}")));
+        *self.current.lock().unwrap_or_else(PoisonError::into_inner) = Some(backend.clone());
+        let result = daemon
+            .start(listener)
+            .and_then(|()| daemon.wait())
+            .map_err(|e| io::Error::other(format!("vhost-user: {e}")));
+        backend.exit();
         backend.reset();
         self.vsock.reset_peer(Cid(self.config.guest_cid));
         self.current.lock().unwrap_or_else(PoisonError::into_inner).take();

@@ -40,7 +40,7 @@ impl Harness {
         let vsock =
             Vsock::with_transport(DeviceTransport { guest_cid: GUEST, outbound: outbound.clone() });
         let returns = Returns::new(|| {});
-        let worker = Worker::new(GUEST, vsock.clone(), outbound, returns, queue_size);
+        let worker = Worker::new(GUEST, vsock.clone(), outbound, returns);
         Harness { mem, tx_mock, tx, next_desc: 0, next_slot: 0, worker, vsock, used: Vec::new() }
     }
 
@@ -226,31 +226,6 @@ fn a_flood_of_requests_to_one_port_is_bounded_by_the_backlog() {
 }
 
 #[test]
-fn a_guest_that_never_posts_rx_buffers_stops_being_served_before_replies_pile_up() {
-    let mut h = Harness::new(256);
-    h.worker.reply_limit = 32;
-    // Every REQUEST to a closed port is answered with RST, which needs an RX buffer.
-    for port in 0..256 {
-        h.offer_packet(from_guest(Op::Request, 3000 + port, 6000), &[]);
-    }
-    let mut rounds = 0;
-    loop {
-        let progress = h.run_tx();
-        rounds += 1;
-        if progress.blocked || progress.chains == 0 || rounds > 10 {
-            assert!(progress.blocked, "TX must stop while replies wait");
-            break;
-        }
-    }
-    assert!(
-        h.worker.outbound.len() <= h.worker.reply_limit,
-        "{} replies queued",
-        h.worker.outbound.len()
-    );
-    assert_eq!(h.used.len(), 32, "the rest of the guest's TX queue waits");
-}
-
-#[test]
 fn held_chains_are_bounded_and_payloads_past_the_bound_are_copied() {
     let mut h = Harness::new(16);
     let listener =
@@ -276,19 +251,9 @@ fn held_chains_are_bounded_and_payloads_past_the_bound_are_copied() {
     assert_eq!(got, expected);
 }
 
-// ---- Review tests (branch review-device) ----------------------------------------------------
+// ---- Bounds taken from the ring in use, replies, cancelled connects ----
 
 impl Harness {
-    /// What `Device::serve_one` builds: the worker sized by `DeviceConfig::queue_size` (the
-    /// largest queue the frontend may set up), the TX ring as the frontend set it up.
-    fn with_sizes(configured: u16, ring: u16) -> Harness {
-        let mut h = Harness::new(ring);
-        let returns = Returns::new(|| {});
-        h.worker =
-            Worker::new(GUEST, h.vsock.clone(), h.worker.outbound.clone(), returns, configured);
-        h
-    }
-
     /// The guest reuses its ring: a fresh TX ring of `size` at `base` (the worker keeps no
     /// per-ring state, so this is what a guest recycling its descriptors looks like).
     fn new_tx_ring(&mut self, base: u64, size: u16) {
@@ -304,8 +269,8 @@ impl Harness {
 /// every TX descriptor the guest has can end up held by payloads nobody reads, and the guest
 /// can send nothing on any other connection.
 #[test]
-fn review_held_chains_are_bounded_by_the_ring_in_use_not_the_configured_maximum() {
-    let mut h = Harness::with_sizes(1024, 128);
+fn held_chains_are_bounded_by_the_ring_in_use_not_the_configured_maximum() {
+    let mut h = Harness::new(128);
     let listener =
         VsockListener::bind(&h.vsock, Addr::new(Cid::ANY, Port(5000))).expect("listener");
     h.offer_packet(from_guest(Op::Request, 1000, 5000), &[]);
@@ -329,8 +294,8 @@ fn review_held_chains_are_bounded_by_the_ring_in_use_not_the_configured_maximum(
 /// `vhost_vsock_more_replies`: TX stops while `queued_replies >= tx_vq->num`, the size of the
 /// ring the driver set up (128 with QEMU), not the device's configured maximum.
 #[test]
-fn review_tx_stops_at_the_ring_size_in_replies_for_a_guest_without_rx_buffers() {
-    let mut h = Harness::with_sizes(1024, 128);
+fn tx_stops_at_the_ring_size_in_replies_for_a_guest_without_rx_buffers() {
+    let mut h = Harness::new(128);
     // Two full rings of REQUESTs to a closed port; each is answered with RST, which needs an
     // RX buffer the guest never posts.
     for (round, base) in [0x8_0000u64, 0xC_0000].into_iter().enumerate() {
@@ -354,7 +319,7 @@ fn review_tx_stops_at_the_ring_size_in_replies_for_a_guest_without_rx_buffers() 
 /// guest that posts no RX buffers grows the device's queue without bound, and a guest that
 /// wakes up later is sent REQUESTs for connections the host has long forgotten.
 #[test]
-fn review_timed_out_host_connects_leave_nothing_queued_for_the_guest() {
+fn timed_out_host_connects_leave_nothing_queued_for_the_guest() {
     let h = Harness::new(64);
     for _ in 0..20 {
         let socket = zerovsock::VsockSocket::stream(&h.vsock).expect("socket");
@@ -375,7 +340,7 @@ fn review_timed_out_host_connects_leave_nothing_queued_for_the_guest() {
 /// writing to the guest faster than the guest posts RX buffers stops all guest TX: the
 /// guest's own data and credit updates on every connection wait behind host data.
 #[test]
-fn review_host_data_waiting_for_rx_buffers_does_not_stop_guest_tx() {
+fn host_data_waiting_for_rx_buffers_does_not_stop_guest_tx() {
     let mut h = Harness::new(64);
     let listener =
         VsockListener::bind(&h.vsock, Addr::new(Cid::ANY, Port(5000))).expect("listener");

@@ -9,7 +9,7 @@ use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 use zerovsock::{Packet, Transport, Vsock};
 use zerovsock_virtio::{GuestMemory, Returns, RxBuffer, TxPacket, Used};
-use zerovsock_wire::{Cid, Header, Op, HEADER_LEN};
+use zerovsock_wire::{Addr, Cid, Header, Op, HEADER_LEN};
 
 /// Per wake-up bounds on TX work, as vhost's `vhost_exceeds_weight` (`VHOST_VSOCK_PKT_WEIGHT`,
 /// `VHOST_VSOCK_WEIGHT`), so one busy queue cannot hold the worker.
@@ -20,32 +20,51 @@ pub(crate) const RX_PACKET_BUDGET: usize = 256;
 
 /// Packets the engine wants delivered to the guest, in order.
 pub(crate) struct Outbound {
-    queue: Mutex<VecDeque<Packet>>,
+    queue: Mutex<Queued>,
     /// Wakes the vring worker when the queue stops being empty.
     pub(crate) kick: EventFd,
+}
+
+#[derive(Default)]
+struct Queued {
+    packets: VecDeque<Packet>,
+    /// Among them, answers to the guest's packets (RESPONSE, RST): what
+    /// `vhost_vsock_more_replies` counts (`virtio_vsock_skb_reply`).
+    replies: usize,
+}
+
+/// Whether a packet counts as a reply to the guest.
+fn is_reply(packet: &Packet) -> bool {
+    matches!(packet.repr.op, Op::Response | Op::Rst)
 }
 
 impl Outbound {
     pub(crate) fn new() -> std::io::Result<Arc<Outbound>> {
         Ok(Arc::new(Outbound {
-            queue: Mutex::new(VecDeque::new()),
+            queue: Mutex::new(Queued::default()),
             kick: EventFd::new(libc::EFD_NONBLOCK)?,
         }))
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Packet>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queued> {
         self.queue.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.lock().len()
+        self.lock().packets.len()
+    }
+
+    /// Replies waiting for RX buffers.
+    pub(crate) fn replies(&self) -> usize {
+        self.lock().replies
     }
 
     fn push(&self, packet: Packet) {
         let was_empty = {
             let mut queue = self.lock();
-            queue.push_back(packet);
-            queue.len() == 1
+            queue.replies += usize::from(is_reply(&packet));
+            queue.packets.push_back(packet);
+            queue.packets.len() == 1
         };
         if was_empty {
             let _ = self.kick.write(1);
@@ -53,7 +72,24 @@ impl Outbound {
     }
 
     fn pop(&self) -> Option<Packet> {
-        self.lock().pop_front()
+        let mut queue = self.lock();
+        let packet = queue.packets.pop_front()?;
+        queue.replies -= usize::from(is_reply(&packet));
+        Some(packet)
+    }
+
+    /// Drops the packets from `local` to `remote` (`virtio_transport_purge_skbs`).
+    fn cancel(&self, local: Addr, remote: Addr) {
+        let dropped: VecDeque<Packet> = {
+            let mut queue = self.lock();
+            let (gone, kept) = std::mem::take(&mut queue.packets)
+                .into_iter()
+                .partition(|p| p.repr.src == local && p.repr.dst == remote);
+            queue.packets = kept;
+            queue.replies = queue.packets.iter().filter(|p| is_reply(p)).count();
+            gone
+        };
+        drop(dropped);
     }
 
     /// Drops every queued packet (the guest went away); zerocopy senders get their completions.
@@ -89,6 +125,10 @@ impl Transport for DeviceTransport {
         } else if packet.repr.op != Op::Rst {
             inbound.push_back(Packet::control(packet.repr.reply(Op::Rst)));
         }
+    }
+
+    fn cancel(&mut self, local: Addr, remote: Addr) {
+        self.outbound.cancel(local, remote);
     }
 }
 
@@ -139,10 +179,6 @@ pub(crate) struct Worker {
     pub(crate) vsock: Vsock,
     pub(crate) outbound: Arc<Outbound>,
     pub(crate) returns: Arc<Returns>,
-    /// Most TX chains held by payloads still queued; past it payloads are copied.
-    pub(crate) held_limit: usize,
-    /// TX work stops while this many packets wait for RX buffers (`vhost_vsock_more_replies`).
-    pub(crate) reply_limit: usize,
     /// The packet being cut into RX buffers, and how far.
     current: Option<(Packet, usize)>,
     pub(crate) stats: DeviceStats,
@@ -154,18 +190,8 @@ impl Worker {
         vsock: Vsock,
         outbound: Arc<Outbound>,
         returns: Arc<Returns>,
-        queue_size: u16,
     ) -> Worker {
-        Worker {
-            guest_cid,
-            vsock,
-            outbound,
-            returns,
-            held_limit: usize::from(queue_size) / 2,
-            reply_limit: usize::from(queue_size),
-            current: None,
-            stats: DeviceStats::default(),
-        }
+        Worker { guest_cid, vsock, outbound, returns, current: None, stats: DeviceStats::default() }
     }
 
     /// Takes TX chains (within the budget), hands their packets to the engine in one batch, and
@@ -180,18 +206,26 @@ impl Worker {
         let mut progress = Progress::default();
         let mut batch = Vec::new();
         let mut bytes = 0;
+        // Bounds from the ring the driver set up (`vq->num`), not the device's maximum: TX
+        // stops while that many replies wait for RX buffers (`vhost_vsock_more_replies`), and
+        // payloads hold at most half of it, so one connection's unread data cannot take every
+        // descriptor the guest has.
+        let ring = usize::from(queue.size());
+        let held_limit = ring / 2;
         loop {
             if progress.chains >= TX_PACKET_BUDGET || bytes >= TX_BYTE_BUDGET {
                 progress.more = true;
                 break;
             }
-            if self.outbound.len() + batch.len() >= self.reply_limit {
+            // Packets of this batch are not delivered yet; each may be answered, so each
+            // counts as a reply to come.
+            if self.outbound.replies() + batch.len() >= ring {
                 progress.blocked = true;
                 break;
             }
             let Some(chain) = queue.pop_descriptor_chain(&**mem) else { break };
             progress.chains += 1;
-            let parsed = if self.returns.outstanding() < self.held_limit {
+            let parsed = if self.returns.outstanding() < held_limit {
                 TxPacket::parse(mem, chain, &self.returns)
             } else {
                 self.stats.copied_tx += 1;

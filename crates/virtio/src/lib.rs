@@ -24,8 +24,8 @@ mod chain;
 mod rx;
 mod tx;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 pub use chain::ChainError;
 pub use rx::{RxBuffer, RxChunk};
@@ -59,6 +59,10 @@ pub struct Returns {
     done: Mutex<Vec<Used>>,
     outstanding: AtomicUsize,
     wake: Box<dyn Fn() + Send + Sync>,
+    /// Bumped by [`Returns::detach_all`]: tokens of an earlier generation return nothing.
+    generation: AtomicU64,
+    /// The guest slices handed out, to copy out when the ring goes away under them.
+    live: Mutex<Vec<Weak<tx::GuestSlice>>>,
 }
 
 impl Returns {
@@ -68,6 +72,8 @@ impl Returns {
             done: Mutex::new(Vec::new()),
             outstanding: AtomicUsize::new(0),
             wake: Box::new(wake),
+            generation: AtomicU64::new(0),
+            live: Mutex::new(Vec::new()),
         })
     }
 
@@ -88,7 +94,32 @@ impl Returns {
 
     fn hold(self: &Arc<Returns>, used: Used) -> Arc<ChainToken> {
         self.outstanding.fetch_add(1, Ordering::AcqRel);
-        Arc::new(ChainToken { used, returns: self.clone() })
+        let generation = self.generation.load(Ordering::Acquire);
+        Arc::new(ChainToken { used, generation, returns: self.clone() })
+    }
+
+    fn track(&self, slice: &Arc<tx::GuestSlice>) {
+        let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
+        // Forget the dead now and then, so the list stays near the number held.
+        if live.len() >= 64 && live.len() >= 4 * self.outstanding().max(1) {
+            live.retain(|weak| weak.strong_count() > 0);
+        }
+        live.push(Arc::downgrade(slice));
+    }
+
+    /// The ring the chains came from is going away (the driver stops or resets the queue,
+    /// `GET_VRING_BASE`): every held payload is copied out of guest memory now, so it no
+    /// longer needs its chain, and no held chain will be given back (its head may mean
+    /// another buffer in the next ring). Returns how many chains were held. Linux never
+    /// holds a chain past its TX handler, so it has nothing to do here.
+    pub fn detach_all(&self) -> usize {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        let live = std::mem::take(&mut *self.live.lock().unwrap_or_else(PoisonError::into_inner));
+        for slice in live.iter().filter_map(Weak::upgrade) {
+            slice.detach();
+        }
+        self.done.lock().unwrap_or_else(PoisonError::into_inner).clear();
+        self.outstanding.swap(0, Ordering::AcqRel)
     }
 }
 
@@ -101,14 +132,24 @@ impl std::fmt::Debug for Returns {
 /// One held chain; dropping the last reference gives it back.
 struct ChainToken {
     used: Used,
+    generation: u64,
     returns: Arc<Returns>,
 }
 
 impl Drop for ChainToken {
     fn drop(&mut self) {
-        self.returns.done.lock().unwrap_or_else(PoisonError::into_inner).push(self.used);
-        self.returns.outstanding.fetch_sub(1, Ordering::AcqRel);
-        (self.returns.wake)();
+        let returns = &self.returns;
+        {
+            let mut done = returns.done.lock().unwrap_or_else(PoisonError::into_inner);
+            // Checked under the lock `detach_all` clears, so a chain is never filed into
+            // the next ring's returns.
+            if returns.generation.load(Ordering::Acquire) != self.generation {
+                return;
+            }
+            done.push(self.used);
+            returns.outstanding.fetch_sub(1, Ordering::AcqRel);
+        }
+        (returns.wake)();
     }
 }
 

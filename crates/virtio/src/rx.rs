@@ -5,7 +5,7 @@ use std::ops::Deref;
 use virtio_queue::DescriptorChain;
 use vm_memory::GuestMemoryBackend;
 use zerovsock_proto::{Payload, Segment};
-use zerovsock_wire::{Repr, SeqFlags, HEADER_LEN};
+use zerovsock_wire::{Repr, SeqFlags, HEADER_LEN, MAX_PACKET_PAYLOAD};
 
 use crate::chain::{self, ChainError, Region};
 use crate::{GuestMemory, Used};
@@ -69,7 +69,8 @@ impl RxBuffer {
         offset: usize,
     ) -> Option<RxChunk> {
         let remaining = payload.len().saturating_sub(offset);
-        let chunk = remaining.min(self.payload_capacity());
+        // Never an RW payload over 64 KiB, however large the guest's buffer.
+        let chunk = remaining.min(self.payload_capacity()).min(MAX_PACKET_PAYLOAD as usize);
         let mut repr = *header;
         repr.len = chunk as u32;
         if chunk < remaining && repr.flags & SeqFlags::EOM.bits() != 0 {
@@ -98,7 +99,7 @@ impl RxBuffer {
     /// Writes a header for `len` payload bytes already placed in the payload area (by a `readv`
     /// into [`RxBuffer::payload_iovecs`]).
     pub fn finish_in_place(&self, mem: &GuestMemory, header: &Repr, len: usize) -> Option<Used> {
-        if len > self.payload_capacity() {
+        if len > self.payload_capacity() || len > MAX_PACKET_PAYLOAD as usize {
             return None;
         }
         let repr = Repr { len: len as u32, ..*header };

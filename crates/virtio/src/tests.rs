@@ -335,7 +335,7 @@ fn rx_in_place_payload_gets_its_header() {
 /// any `Payload` and cuts it only at the buffer's capacity, so a driver that posts one large
 /// buffer (1 MiB here; nothing forbids it) is handed a single RW packet of any size.
 #[test]
-fn review_rx_never_writes_an_rw_payload_over_64_kib() {
+fn rx_never_writes_an_rw_payload_over_64_kib() {
     let mem = memory();
     let buffer = rx_chain(&mem, &cut(&[1 << 20], W)).expect("rx buffer");
     let data = pattern(70_000, 9);

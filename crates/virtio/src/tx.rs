@@ -1,7 +1,7 @@
 //! TX chains: the driver's packets, read once and described in place.
 
 use std::ops::Deref;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use virtio_queue::DescriptorChain;
@@ -50,13 +50,16 @@ impl TxPacket {
             let token = returns.hold(Used { head, len: 0 });
             for (addr, piece) in chain::pieces(mem, &walked.regions, HEADER_LEN as u64, len) {
                 let host = mem.get_host_address(addr).map(|p| p as usize).unwrap_or(0);
-                payload.push_foreign(Arc::new(GuestSlice {
+                let slice = Arc::new(GuestSlice {
                     mem: mem.clone(),
                     addr,
                     len: piece,
                     host,
+                    copy: OnceLock::new(),
                     _chain: token.clone(),
-                }));
+                });
+                returns.track(&slice);
+                payload.push_foreign(slice);
             }
         }
         Ok(TxPacket { head, header, payload })
@@ -116,13 +119,28 @@ where
 }
 
 /// A piece of a held TX chain's payload, inside one guest memory region.
-struct GuestSlice {
+pub(crate) struct GuestSlice {
     mem: Arc<GuestMemory>,
     addr: GuestAddress,
     len: usize,
     /// The device's address of `addr` (for iovecs), found when the chain was checked.
     host: usize,
+    /// The bytes, copied out when the ring went away (`Returns::detach_all`).
+    copy: OnceLock<Box<[u8]>>,
     _chain: Arc<ChainToken>,
+}
+
+impl GuestSlice {
+    /// Copies the bytes out of guest memory, for good.
+    pub(crate) fn detach(&self) {
+        self.copy.get_or_init(|| {
+            let mut bytes = vec![0u8; self.len].into_boxed_slice();
+            if self.mem.read_slice(&mut bytes, self.addr).is_err() {
+                bytes.fill(0);
+            }
+            bytes
+        });
+    }
 }
 
 impl ForeignMemory for GuestSlice {
@@ -132,6 +150,10 @@ impl ForeignMemory for GuestSlice {
 
     fn read_at(&self, offset: usize, dst: &mut [u8]) {
         assert!(offset + dst.len() <= self.len, "read past a guest slice");
+        if let Some(copy) = self.copy.get() {
+            dst.copy_from_slice(&copy[offset..offset + dst.len()]);
+            return;
+        }
         // The range was checked against this very memory map, which the slice keeps alive, so
         // the read cannot fail; should it, the reader sees zeros rather than stale bytes.
         if self.mem.read_slice(dst, self.addr.unchecked_add(offset as u64)).is_err() {
@@ -140,6 +162,9 @@ impl ForeignMemory for GuestSlice {
     }
 
     fn as_ptr(&self) -> *const u8 {
-        self.host as *const u8
+        match self.copy.get() {
+            Some(copy) => copy.as_ptr(),
+            None => self.host as *const u8,
+        }
     }
 }

@@ -15,7 +15,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use zerovsock_proto::{Engine, EngineConfig, Packet, SocketId};
-use zerovsock_wire::Cid;
+use zerovsock_wire::{Addr, Cid};
 
 use crate::pool::BufferPool;
 
@@ -32,6 +32,12 @@ pub trait Transport: Send + 'static {
     /// Takes one packet the engine wants sent. Packets for the engine itself (loopback, or a
     /// reply the transport makes up, such as RST for an unreachable CID) go into `inbound`.
     fn transmit(&mut self, packet: Packet, inbound: &mut VecDeque<Packet>);
+
+    /// Drops packets from `local` to `remote` still waiting to be sent (a connect timed out:
+    /// Linux's `cancel_pkt`). Transports that send at once have nothing to drop.
+    fn cancel(&mut self, local: Addr, remote: Addr) {
+        let _ = (local, remote);
+    }
 }
 
 /// What waits on one socket.
@@ -126,6 +132,9 @@ impl Core {
             }
             while let Some(packet) = self.engine.poll_transmit() {
                 self.transport.transmit(packet, &mut self.inbound);
+            }
+            while let Some((local, remote)) = self.engine.poll_cancel() {
+                self.transport.cancel(local, remote);
             }
             if self.inbound.is_empty() {
                 break;

@@ -122,6 +122,13 @@ impl Vsock {
         self.shared.with(|engine, now| engine.reset_peer(now, cid));
     }
 
+    /// For a transport that negotiates SEQPACKET with its peer (a device, from the features the
+    /// driver acked): whether SEQPACKET connections are allowed from now on. Without it a
+    /// SEQPACKET connect fails with ESOCKTNOSUPPORT and the peer's SEQPACKET REQUESTs get RST.
+    pub fn set_seqpacket(&self, enabled: bool) {
+        self.shared.with(|engine, _| engine.set_seqpacket(enabled));
+    }
+
     /// Sockets alive on this endpoint, including connections still closing.
     pub fn socket_count(&self) -> usize {
         self.shared.lock().engine.socket_count()

@@ -69,7 +69,7 @@ impl Driver {
             .expect("features");
         static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let path = std::env::temp_dir().join(format!(
-            "zerovsock-review-mem-{}-{}",
+            "zerovsock-vhost-test-mem-{}-{}",
             std::process::id(),
             NEXT.fetch_add(1, Ordering::SeqCst)
         ));
@@ -102,8 +102,7 @@ impl Driver {
     fn start_rings(&mut self) {
         self.mem.write_slice(&vec![0u8; 0xC000], GuestAddress(0)).expect("zero rings");
         self.tx_avail = 0;
-        for queue in 0..3usize {
-            let base = RINGS[queue];
+        for (queue, &base) in RINGS.iter().enumerate() {
             self.frontend.set_vring_num(queue, QUEUE).expect("num");
             let config = VringConfigData {
                 queue_max_size: QUEUE,
@@ -189,8 +188,9 @@ fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
 }
 
 #[test]
-fn review_a_chain_held_across_a_ring_reset_is_not_returned_into_the_new_ring() {
-    let dir = std::env::temp_dir().join(format!("zerovsock-review-reset-{}", std::process::id()));
+fn a_chain_held_across_a_ring_reset_is_not_returned_into_the_new_ring() {
+    let dir =
+        std::env::temp_dir().join(format!("zerovsock-vhost-test-reset-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let device = Arc::new(Device::new(DeviceConfig::new(3)).expect("device"));
     let listener = VsockListener::bind(device.vsock(), Addr::new(Cid::ANY, Port(5000)))
@@ -228,7 +228,8 @@ fn review_a_chain_held_across_a_ring_reset_is_not_returned_into_the_new_ring() {
 }
 
 fn device_and_driver(tag: &str) -> (Arc<Device>, Driver) {
-    let dir = std::env::temp_dir().join(format!("zerovsock-review-{tag}-{}", std::process::id()));
+    let dir =
+        std::env::temp_dir().join(format!("zerovsock-vhost-test-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let device = Arc::new(Device::new(DeviceConfig::new(3)).expect("device"));
     let socket = dir.join("vhost.sock");
@@ -245,7 +246,7 @@ fn device_and_driver(tag: &str) -> (Arc<Device>, Driver) {
 /// is always true and the backend never looks at the acked features: the host's connect goes
 /// out as a SEQPACKET REQUEST the guest never agreed to, and fails later, another way.
 #[test]
-fn review_host_seqpacket_connect_fails_at_once_when_the_guest_did_not_ack_seqpacket() {
+fn host_seqpacket_connect_fails_at_once_when_the_guest_did_not_ack_seqpacket() {
     let (device, _driver) = device_and_driver("seq-connect");
     let socket = VsockSocket::seqpacket(device.vsock()).expect("socket");
     socket.set_connect_timeout(Duration::from_millis(500)).expect("timeout");
@@ -262,7 +263,7 @@ fn review_host_seqpacket_connect_fails_at_once_when_the_guest_did_not_ack_seqpac
 /// The other way: `virtio_transport_recv_listen` -> `vsock_assign_transport(child)` fails for
 /// a SEQPACKET child without the feature, and the REQUEST gets RST. Here it is accepted.
 #[test]
-fn review_guest_seqpacket_request_is_refused_when_the_guest_did_not_ack_seqpacket() {
+fn guest_seqpacket_request_is_refused_when_the_guest_did_not_ack_seqpacket() {
     let (device, mut driver) = device_and_driver("seq-request");
     let listener = VsockSeqpacketListener::bind(device.vsock(), Addr::new(Cid::ANY, Port(5000)))
         .expect("host listener");

@@ -21,7 +21,7 @@ use zerovsock_vhost::{Device, DeviceConfig};
 fn setup() -> (PathBuf, Arc<Device>, GuestDriver) {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     let dir = std::env::temp_dir().join(format!(
-        "zerovsock-review-{}-{}",
+        "zerovsock-vhost-test-{}-{}",
         std::process::id(),
         NEXT.fetch_add(1, Ordering::SeqCst)
     ));
@@ -54,8 +54,8 @@ fn ended(result: &std::io::Result<usize>) -> bool {
 }
 
 #[test]
-fn review_native_host_socket_is_reset_when_the_frontend_disconnects() {
-    let (_dir, device, guest) = setup();
+fn native_host_socket_is_reset_when_the_frontend_disconnects() {
+    let (_dir, device, mut guest) = setup();
     let listener = VsockListener::bind(device.vsock(), Addr::new(Cid::ANY, Port(6000)))
         .expect("host listener");
     let guest_stream = VsockStream::connect(guest.vsock(), Addr::new(Cid::HOST, Port(6000)))
@@ -76,8 +76,8 @@ fn review_native_host_socket_is_reset_when_the_frontend_disconnects() {
 }
 
 #[test]
-fn review_unix_endpoint_is_closed_when_the_frontend_disconnects() {
-    let (dir, _device, guest) = setup();
+fn unix_endpoint_is_closed_when_the_frontend_disconnects() {
+    let (dir, _device, mut guest) = setup();
     let listener = UnixListener::bind(dir.join("vm.vsock_5000")).expect("host listener");
     let guest_stream = VsockStream::connect(guest.vsock(), Addr::new(Cid::HOST, Port(5000)))
         .expect("guest connect");
@@ -97,7 +97,7 @@ fn review_unix_endpoint_is_closed_when_the_frontend_disconnects() {
 fn device_serving() -> (PathBuf, thread::JoinHandle<std::io::Result<()>>) {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     let dir = std::env::temp_dir().join(format!(
-        "zerovsock-review-serve-{}-{}",
+        "zerovsock-vhost-test-serve-{}-{}",
         std::process::id(),
         NEXT.fetch_add(1, Ordering::SeqCst)
     ));
@@ -114,7 +114,7 @@ fn device_serving() -> (PathBuf, thread::JoinHandle<std::io::Result<()>>) {
 /// `daemon.serve` return an error other than `Disconnected`, `serve_one(..)?` returns it, and
 /// the device serves nobody ever again.
 #[test]
-fn review_a_broken_frontend_does_not_stop_the_device_serving_the_next_one() {
+fn a_broken_frontend_does_not_stop_the_device_serving_the_next_one() {
     let (socket, serving) = device_serving();
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut raw = loop {
@@ -146,9 +146,9 @@ fn review_a_broken_frontend_does_not_stop_the_device_serving_the_next_one() {
 /// queued behind the first) lands in the backlog of the listener `daemon.serve` keeps open for
 /// the whole session, and is reset when that listener is dropped instead of being served.
 #[test]
-fn review_a_frontend_waiting_for_the_device_is_served_after_the_current_one_leaves() {
+fn a_frontend_waiting_for_the_device_is_served_after_the_current_one_leaves() {
     let (socket, _serving) = device_serving();
-    let first = GuestDriver::connect(&socket, TxLayout::Linux).expect("first frontend");
+    let mut first = GuestDriver::connect(&socket, TxLayout::Linux).expect("first frontend");
     let path = socket.clone();
     let second = thread::spawn(move || GuestDriver::connect(&path, TxLayout::Linux).map(|_| ()));
     thread::sleep(Duration::from_millis(300));
