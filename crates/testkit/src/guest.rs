@@ -448,19 +448,33 @@ impl Rings {
     fn write_packet(&mut self, slot: u16, packet: &Packet) -> io::Result<()> {
         let mem = &self.setup.mem;
         let base = TX_SLOTS + u64::from(slot) * TX_SLOT;
-        let payload = packet.payload.to_vec();
         mem.write_slice(&packet.repr.to_bytes(), GuestAddress(base)).map_err(err)?;
-        mem.write_slice(&payload, GuestAddress(base + HEADER_LEN as u64)).map_err(err)?;
+        // Each payload segment straight into the slot: one copy, as a guest's own send makes.
+        let mut at = base + HEADER_LEN as u64;
+        for segment in packet.payload.segments() {
+            match segment {
+                zerovsock::Segment::Local(bytes) => {
+                    mem.write_slice(bytes, GuestAddress(at)).map_err(err)?
+                }
+                other => {
+                    let mut bytes = vec![0u8; other.len()];
+                    other.read_at(0, &mut bytes);
+                    mem.write_slice(&bytes, GuestAddress(at)).map_err(err)?;
+                }
+            }
+            at += segment.len() as u64;
+        }
+        let payload_len = packet.payload.len();
         let mut cuts: Vec<(u64, u32)> = Vec::new();
         let data = base + HEADER_LEN as u64;
         let piece = |size: usize| -> Vec<(u64, u32)> {
-            (0..payload.len())
+            (0..payload_len)
                 .step_by(size)
-                .map(|at| (data + at as u64, (payload.len() - at).min(size) as u32))
+                .map(|at| (data + at as u64, (payload_len - at).min(size) as u32))
                 .collect()
         };
         match self.layout {
-            TxLayout::Single => cuts.push((base, (HEADER_LEN + payload.len()) as u32)),
+            TxLayout::Single => cuts.push((base, (HEADER_LEN + payload_len) as u32)),
             TxLayout::Linux => {
                 cuts.push((base, HEADER_LEN as u32));
                 cuts.extend(piece(32 * 1024));

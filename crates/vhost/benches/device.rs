@@ -5,9 +5,10 @@
 //! its own) and vhost-device-vsock 0.3.0 (installed by `scripts/install-vhost-device-vsock`),
 //! both through their Unix endpoints. Guest to host and host to guest, at 4 KiB, 64 KiB and
 //! 1 MiB writes; the host CPU time of each backend process per GiB moved; and an AF_UNIX
-//! socketpair for scale (the ceiling of any Unix endpoint). Each cell is the median of three
-//! runs. The guest uses the classic TX layout (header, then one payload descriptor), the only
-//! multi-descriptor layout vhost-device-vsock accepts, for both devices.
+//! socketpair for scale (the ceiling of any Unix endpoint). Each cell is the median of five
+//! runs, the backends' runs interleaved. The guest uses the classic TX layout (header, then
+//! one payload descriptor), the only multi-descriptor layout vhost-device-vsock accepts, for
+//! both devices.
 //!
 //! `cargo bench -p zerovsock-vhost --bench device` (or `scripts/bench-device`, which installs
 //! the peer first). `VHOST_DEVICE_VSOCK` names the peer's binary; without it the peer columns
@@ -28,7 +29,7 @@ use zerovsock_testkit::guest::{GuestDriver, TxLayout};
 use zerovsock_vhost::{Device, DeviceConfig};
 
 const SERVE_ENV: &str = "ZEROVSOCK_BENCH_SERVE";
-const RUNS: usize = 3;
+const RUNS: usize = 5;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Direction {
@@ -225,8 +226,8 @@ fn connect_host(uds: &Path, port: u32) -> UnixStream {
         let mut line = String::new();
         // One byte at a time: nothing past the line may be taken from the stream.
         let mut reader = BufReader::with_capacity(1, stream.try_clone().expect("clone"));
-        reader.read_line(&mut line).expect("answer");
-        if line.starts_with("OK") {
+        // A guest not listening yet: the peer closes or resets the Unix socket; try again.
+        if reader.read_line(&mut line).is_ok() && line.starts_with("OK") {
             return stream;
         }
         assert!(Instant::now() < deadline, "CONNECT {port} answered {line:?}");
@@ -285,17 +286,30 @@ fn main() {
         "device throughput, Gbit/s (median of {RUNS}); host CPU of the backend process, s/GiB"
     );
     let mut run = 0;
+    // BENCH_FILTER=g2h|h2g and BENCH_WRITES=4096,65536 narrow the table while iterating.
+    let filter = std::env::var("BENCH_FILTER").unwrap_or_default();
+    let writes: Vec<usize> = std::env::var("BENCH_WRITES")
+        .ok()
+        .map(|w| w.split(',').filter_map(|n| n.parse().ok()).collect())
+        .unwrap_or_else(|| vec![4096, 65536, 1 << 20]);
     for direction in [Direction::GuestToHost, Direction::HostToGuest] {
-        for write in [4096usize, 65536, 1 << 20] {
+        let tag = if direction == Direction::GuestToHost { "g2h" } else { "h2g" };
+        if !filter.is_empty() && filter != tag {
+            continue;
+        }
+        for &write in &writes {
             let unix = socketpair(write);
             let mut first = None;
-            for backend in &backends {
-                let cells: Vec<Option<Cell>> = (0..RUNS)
-                    .map(|_| {
-                        run += 1;
-                        run_once(backend, direction, write, &dir, run)
-                    })
-                    .collect();
+            // Runs interleave the backends, so a change in the machine's state between them
+            // (this VM's speed drifts) falls on all of them alike.
+            let mut runs: Vec<Vec<Option<Cell>>> = backends.iter().map(|_| Vec::new()).collect();
+            for _ in 0..RUNS {
+                for (backend, cells) in backends.iter().zip(&mut runs) {
+                    run += 1;
+                    cells.push(run_once(backend, direction, write, &dir, run));
+                }
+            }
+            for (backend, cells) in backends.iter().zip(runs) {
                 let Some(cell) = median(cells) else {
                     println!(
                         "{:<14} {:>6}K {:>40}: STALLED (no progress in {STALL:?}) {:>9.1}",

@@ -264,6 +264,10 @@ impl VhostUserBackend for Backend {
 pub(crate) fn returns_with(kick: &Arc<EventFd>) -> Arc<Returns> {
     let kick = kick.clone();
     Returns::new(move || {
-        let _ = kick.write(1);
+        // The vring worker collects returned chains right after it runs the bridge's tasks;
+        // only a chain given back on another thread needs to wake it.
+        if !crate::bridge::is_helping() {
+            let _ = kick.write(1);
+        }
     })
 }

@@ -30,7 +30,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Wake, Waker};
 use std::thread::JoinHandle;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 use zerovsock::wire::{Addr, Cid, Port};
@@ -44,6 +44,8 @@ const FIRST_TASK: u64 = 16;
 /// Bytes read from a host socket per read, and the most a connection buffers towards the
 /// guest.
 const READ_SIZE: usize = 256 * 1024;
+/// A read buffer with less room left than this is replaced by a fresh one.
+const MIN_ROOM: usize = 16 * 1024;
 /// Most bytes lent to one `writev` towards the host.
 const WRITE_SIZE: usize = 1 << 20;
 /// Rounds of work per turn before a task yields to the others.
@@ -57,6 +59,7 @@ const BACKLOG: u32 = 128;
 pub(crate) struct Bridge {
     stop: Arc<AtomicBool>,
     ready: Arc<Ready>,
+    executor: Arc<Mutex<Executor>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -75,24 +78,102 @@ impl Bridge {
             kick: EventFd::new(libc::EFD_NONBLOCK)?,
         });
         let stop = Arc::new(AtomicBool::new(false));
+        let epoll = Arc::new(Epoll::new()?);
         let mut exec = Executor {
             vsock: vsock.clone(),
             guest_cid,
             uds_path: uds_path.to_path_buf(),
-            epoll: Epoll::new()?,
+            epoll: epoll.clone(),
             listener,
             tasks: HashMap::new(),
             next: FIRST_TASK,
             ready: ready.clone(),
+            due: HashSet::new(),
         };
         exec.watch(exec.listener.as_raw_fd(), LISTENER)?;
         exec.watch(ready.kick.as_raw_fd(), WAKE)?;
-        exec.spawn(Task::Accept(guest), None)?;
-        let flag = stop.clone();
+        let accept = exec.spawn(Task::Accept(guest), None)?;
+        exec.due.insert(accept);
+        let executor = Arc::new(Mutex::new(exec));
+        let (flag, shared) = (stop.clone(), executor.clone());
         let thread = std::thread::Builder::new()
             .name("zerovsock-bridge".into())
-            .spawn(move || exec.run(&flag))?;
-        Ok(Bridge { stop, ready, thread: Some(thread) })
+            .spawn(move || run(&shared, &epoll, &flag))?;
+        Ok(Bridge { stop, ready, executor, thread: Some(thread) })
+    }
+
+    /// Runs the tasks woken so far on the calling thread, if the bridge thread is not running
+    /// them already. The vring worker calls this right after handing the guest's packets to
+    /// the engine ([`helping`]), so data the guest sent reaches its Unix socket without a hop
+    /// to another thread; every call here is non-blocking.
+    pub(crate) fn help(&self) {
+        match self.executor.try_lock() {
+            Ok(mut exec) => {
+                exec.take_woken();
+                exec.run_due();
+            }
+            // The bridge thread is at it; make sure it looks at what was woken.
+            Err(_) => {
+                let _ = self.ready.kick.write(1);
+            }
+        }
+    }
+}
+
+thread_local! {
+    /// Set while a thread is about to run woken tasks itself ([`Bridge::help`]): wakers then
+    /// skip the eventfd that would wake the bridge thread for nothing.
+    static HELPING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether this thread is inside [`helping`]: it will look at what it wakes before it sleeps.
+pub(crate) fn is_helping() -> bool {
+    HELPING.with(std::cell::Cell::get)
+}
+
+/// Runs `work` (which may wake bridge tasks) and then the woken tasks, on this thread.
+pub(crate) fn helping<R>(bridge: Option<&Bridge>, work: impl FnOnce() -> R) -> R {
+    let Some(bridge) = bridge else { return work() };
+    let before = HELPING.with(|h| h.replace(true));
+    let result = work();
+    bridge.help();
+    HELPING.with(|h| h.set(before));
+    result
+}
+
+/// The bridge thread: runs due tasks, then waits for events without holding the executor.
+fn run(executor: &Mutex<Executor>, epoll: &Epoll, stop: &AtomicBool) {
+    let mut events = vec![EpollEvent::default(); 64];
+    while !stop.load(Ordering::Acquire) {
+        let timeout = {
+            let mut exec = executor.lock().unwrap_or_else(PoisonError::into_inner);
+            exec.take_woken();
+            exec.run_due();
+            // With work still due, only look for new events without waiting, so a busy
+            // connection cannot hide new connections or other tasks' wake-ups.
+            if exec.due.is_empty() {
+                1000
+            } else {
+                0
+            }
+        };
+        let count = match epoll.wait(timeout, &mut events) {
+            Ok(count) => count,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(_) => return,
+        };
+        let mut exec = executor.lock().unwrap_or_else(PoisonError::into_inner);
+        for event in &events[..count] {
+            match event.data() {
+                LISTENER => exec.accept_host(),
+                WAKE => {
+                    let _ = exec.ready.kick.read();
+                }
+                id => {
+                    exec.due.insert(id);
+                }
+            }
+        }
     }
 }
 
@@ -124,7 +205,9 @@ impl Wake for TaskWaker {
 
     fn wake_by_ref(self: &Arc<Self>) {
         self.ready.list.lock().unwrap_or_else(PoisonError::into_inner).push(self.id);
-        let _ = self.ready.kick.write(1);
+        if !HELPING.with(std::cell::Cell::get) {
+            let _ = self.ready.kick.write(1);
+        }
     }
 }
 
@@ -148,6 +231,9 @@ struct Pipe {
     prefix: Vec<u8>,
     /// Read from the host, not yet taken by the guest's credit.
     to_guest: Option<Bytes>,
+    /// Zeroed room reads land in; each read's bytes are split off and sent as they are, so
+    /// the zeroing is paid once per byte read, not once per attempt.
+    room: BytesMut,
     host_eof: bool,
     guest_eof: bool,
 }
@@ -162,11 +248,13 @@ struct Executor {
     vsock: Vsock,
     guest_cid: Cid,
     uds_path: PathBuf,
-    epoll: Epoll,
+    epoll: Arc<Epoll>,
     listener: UnixListener,
     tasks: HashMap<u64, (Task, Waker)>,
     next: u64,
     ready: Arc<Ready>,
+    /// Tasks to run next.
+    due: HashSet<u64>,
 }
 
 impl Executor {
@@ -187,40 +275,28 @@ impl Executor {
         Ok(id)
     }
 
-    fn run(mut self, stop: &AtomicBool) {
-        let mut events = vec![EpollEvent::default(); 64];
-        let mut due: HashSet<u64> = self.tasks.keys().copied().collect();
-        while !stop.load(Ordering::Acquire) {
-            for id in std::mem::take(&mut due) {
-                self.turn(id, &mut due);
+    /// Moves the tasks woken by the socket layer to the due set.
+    fn take_woken(&mut self) {
+        let woken =
+            std::mem::take(&mut *self.ready.list.lock().unwrap_or_else(PoisonError::into_inner));
+        self.due.extend(woken);
+    }
+
+    /// Runs every due task once, and those they wake, for a bounded number of rounds.
+    fn run_due(&mut self) {
+        for _ in 0..4 {
+            if self.due.is_empty() {
+                return;
             }
-            // With work still due, only look for new events (new connections, other tasks'
-            // wake-ups) without waiting, so a busy connection cannot hide them.
-            let timeout = if due.is_empty() { 1000 } else { 0 };
-            let count = match self.epoll.wait(timeout, &mut events) {
-                Ok(count) => count,
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(_) => return,
-            };
-            for event in &events[..count] {
-                match event.data() {
-                    LISTENER => self.accept_host(&mut due),
-                    WAKE => {
-                        let _ = self.ready.kick.read();
-                        let woken = std::mem::take(
-                            &mut *self.ready.list.lock().unwrap_or_else(PoisonError::into_inner),
-                        );
-                        due.extend(woken);
-                    }
-                    id => {
-                        due.insert(id);
-                    }
-                }
+            let mut due = std::mem::take(&mut self.due);
+            for id in due.drain() {
+                self.turn(id);
             }
+            self.take_woken();
         }
     }
 
-    fn accept_host(&mut self, due: &mut HashSet<u64>) {
+    fn accept_host(&mut self) {
         loop {
             match self.listener.accept() {
                 Ok((unix, _)) => {
@@ -230,7 +306,7 @@ impl Executor {
                     let fd = unix.as_raw_fd();
                     if let Ok(id) = self.spawn(Task::Handshake { unix, line: Vec::new() }, Some(fd))
                     {
-                        due.insert(id);
+                        self.due.insert(id);
                     }
                 }
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
@@ -239,7 +315,7 @@ impl Executor {
         }
     }
 
-    fn turn(&mut self, id: u64, due: &mut HashSet<u64>) {
+    fn turn(&mut self, id: u64) {
         let Some((task, waker)) = self.tasks.remove(&id) else { return };
         let mut cx = Context::from_waker(&waker);
         let mut spawned = Vec::new();
@@ -276,7 +352,7 @@ impl Executor {
         };
         for (task, fd) in spawned {
             if let Ok(id) = self.spawn(task, Some(fd)) {
-                due.insert(id);
+                self.due.insert(id);
             }
         }
         let Some(task) = task else { return };
@@ -287,7 +363,7 @@ impl Executor {
             }
             Turn::Again => {
                 self.tasks.insert(id, (task, waker));
-                due.insert(id);
+                self.due.insert(id);
             }
         }
     }
@@ -363,7 +439,15 @@ pub(crate) fn parse_connect(line: &[u8]) -> Option<u32> {
 
 impl Pipe {
     fn new(unix: UnixStream, stream: VsockStream, prefix: Vec<u8>) -> Pipe {
-        Pipe { unix, stream, prefix, to_guest: None, host_eof: false, guest_eof: false }
+        Pipe {
+            unix,
+            stream,
+            prefix,
+            to_guest: None,
+            room: BytesMut::new(),
+            host_eof: false,
+            guest_eof: false,
+        }
     }
 
     /// Moves data both ways until both sides would block, or for one turn.
@@ -411,16 +495,17 @@ impl Pipe {
         }
         // Towards the guest: one buffer at a time, read only once the last one is taken.
         if self.to_guest.is_none() && !self.host_eof {
-            let mut buffer = vec![0u8; READ_SIZE];
-            match self.unix.read(&mut buffer) {
+            if self.room.len() < MIN_ROOM {
+                self.room = BytesMut::zeroed(READ_SIZE);
+            }
+            match self.unix.read(&mut self.room[..]) {
                 Ok(0) => {
                     self.host_eof = true;
                     let _ = self.stream.shutdown(std::net::Shutdown::Write);
                     moved = true;
                 }
                 Ok(n) => {
-                    buffer.truncate(n);
-                    self.to_guest = Some(Bytes::from(buffer));
+                    self.to_guest = Some(self.room.split_to(n).freeze());
                     moved = true;
                 }
                 Err(e) if would_block(&e) => {}

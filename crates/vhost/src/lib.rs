@@ -81,7 +81,7 @@ pub struct Device {
     config: DeviceConfig,
     vsock: Vsock,
     outbound: Arc<Outbound>,
-    _bridge: Option<bridge::Bridge>,
+    bridge: Option<Arc<bridge::Bridge>>,
     /// The session being served, if any.
     current: Mutex<Option<Arc<Backend>>>,
     /// Counts of the sessions that ended.
@@ -108,14 +108,16 @@ impl Device {
             DeviceTransport { guest_cid: Cid(config.guest_cid), outbound: outbound.clone() };
         let vsock = Vsock::with_transport(transport);
         let bridge = match &config.uds_path {
-            Some(path) => Some(bridge::Bridge::start(&vsock, Cid(config.guest_cid), path)?),
+            Some(path) => {
+                Some(Arc::new(bridge::Bridge::start(&vsock, Cid(config.guest_cid), path)?))
+            }
             None => None,
         };
         Ok(Device {
             config,
             vsock,
             outbound,
-            _bridge: bridge,
+            bridge,
             current: Mutex::new(None),
             ended: Mutex::new(DeviceStats::default()),
         })
@@ -168,12 +170,13 @@ impl Device {
     fn session(&self, listener: &mut Listener) -> io::Result<()> {
         let returns_kick = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
         let returns = backend::returns_with(&returns_kick);
-        let worker = Worker::new(
+        let mut worker = Worker::new(
             Cid(self.config.guest_cid),
             self.vsock.clone(),
             self.outbound.clone(),
             returns,
         );
+        worker.bridge = self.bridge.clone();
         let backend = Arc::new(Backend::new(
             u64::from(self.config.guest_cid),
             self.config.queue_size,

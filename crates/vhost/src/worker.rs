@@ -179,6 +179,8 @@ pub(crate) struct Worker {
     pub(crate) vsock: Vsock,
     pub(crate) outbound: Arc<Outbound>,
     pub(crate) returns: Arc<Returns>,
+    /// The Unix endpoints, whose woken connections this thread runs right after a delivery.
+    pub(crate) bridge: Option<Arc<crate::bridge::Bridge>>,
     /// The packet being cut into RX buffers, and how far.
     current: Option<(Packet, usize)>,
     pub(crate) stats: DeviceStats,
@@ -191,7 +193,15 @@ impl Worker {
         outbound: Arc<Outbound>,
         returns: Arc<Returns>,
     ) -> Worker {
-        Worker { guest_cid, vsock, outbound, returns, current: None, stats: DeviceStats::default() }
+        Worker {
+            guest_cid,
+            vsock,
+            outbound,
+            returns,
+            bridge: None,
+            current: None,
+            stats: DeviceStats::default(),
+        }
     }
 
     /// Takes TX chains (within the budget), hands their packets to the engine in one batch, and
@@ -255,7 +265,8 @@ impl Worker {
             batch.push((packet.header, packet.payload));
         }
         if !batch.is_empty() {
-            self.vsock.deliver(batch);
+            let vsock = &self.vsock;
+            crate::bridge::helping(self.bridge.as_deref(), || vsock.deliver(batch));
         }
         self.returns.take_into(used);
         progress

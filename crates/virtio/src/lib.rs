@@ -82,6 +82,11 @@ impl Returns {
         self.outstanding.load(Ordering::Acquire)
     }
 
+    /// Whether chains were given back and not taken yet.
+    pub fn has_returned(&self) -> bool {
+        !self.done.lock().unwrap_or_else(PoisonError::into_inner).is_empty()
+    }
+
     /// Takes every chain given back so far.
     pub fn take(&self) -> Vec<Used> {
         std::mem::take(&mut *self.done.lock().unwrap_or_else(PoisonError::into_inner))

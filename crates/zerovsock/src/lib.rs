@@ -66,7 +66,8 @@ pub use types::{
 };
 pub use zerocopy::{Reclaimed, ZerocopySocket, ZerocopyWriter};
 pub use zerovsock_proto::{
-    Completion, EngineConfig, Interest, Packet, Payload, Readiness, RecvMeta,
+    Completion, EngineConfig, ForeignMemory, Interest, Packet, Payload, Readiness, RecvMeta,
+    Segment,
 };
 pub use zerovsock_wire as wire;
 
