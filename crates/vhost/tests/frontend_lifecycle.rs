@@ -8,7 +8,6 @@
 use std::io::{ErrorKind, Read};
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -16,23 +15,13 @@ use std::time::{Duration, Instant};
 use zerovsock::wire::{Addr, Cid, Port};
 use zerovsock::{VsockListener, VsockStream};
 use zerovsock_testkit::guest::{GuestDriver, TxLayout};
-use zerovsock_vhost::{Device, DeviceConfig};
+use zerovsock_vhost::Device;
+
+mod common;
 
 fn setup() -> (PathBuf, Arc<Device>, GuestDriver) {
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "zerovsock-vhost-test-{}-{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::SeqCst)
-    ));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let mut config = DeviceConfig::new(3);
-    config.uds_path = Some(dir.join("vm.vsock"));
-    let device = Arc::new(Device::new(config).expect("device"));
-    let socket = dir.join("vhost.sock");
-    let serving = device.clone();
-    let path = socket.clone();
-    thread::spawn(move || serving.serve(&path));
+    let dir = common::fresh_dir("lifecycle");
+    let (device, socket, _) = common::serve_device(&dir, true);
     let guest = GuestDriver::connect(&socket, TxLayout::Linux).expect("guest driver");
     (dir, device, guest)
 }
@@ -95,17 +84,7 @@ fn unix_endpoint_is_closed_when_the_frontend_disconnects() {
 }
 
 fn device_serving() -> (PathBuf, thread::JoinHandle<std::io::Result<()>>) {
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "zerovsock-vhost-test-serve-{}-{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::SeqCst)
-    ));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let device = Arc::new(Device::new(DeviceConfig::new(3)).expect("device"));
-    let socket = dir.join("vhost.sock");
-    let path = socket.clone();
-    let serving = thread::spawn(move || device.serve(&path));
+    let (_, socket, serving) = common::serve_device(&common::fresh_dir("serve"), false);
     (socket, serving)
 }
 

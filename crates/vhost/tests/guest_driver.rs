@@ -4,7 +4,6 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
@@ -12,7 +11,10 @@ use std::time::Duration;
 use zerovsock::wire::{Addr, Cid, Port};
 use zerovsock::{VsockListener, VsockStream};
 use zerovsock_testkit::guest::{GuestDriver, TxLayout};
-use zerovsock_vhost::{Device, DeviceConfig};
+use zerovsock_testkit::suite::pattern;
+use zerovsock_vhost::Device;
+
+mod common;
 
 struct Setup {
     dir: PathBuf,
@@ -27,35 +29,11 @@ impl Drop for Setup {
 }
 
 fn setup(layout: TxLayout) -> Setup {
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "zerovsock-vhost-{}-{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::SeqCst)
-    ));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let mut config = DeviceConfig::new(3);
-    config.uds_path = Some(dir.join("vm.vsock"));
-    let device = Arc::new(Device::new(config).expect("device"));
-    let socket = dir.join("vhost.sock");
-    let serving = device.clone();
-    let path = socket.clone();
-    thread::spawn(move || serving.serve(&path));
+    let dir = common::fresh_dir("e2e");
+    let (device, socket, _) = common::serve_device(&dir, true);
     let guest = GuestDriver::connect(&socket, layout).expect("guest driver");
     assert_eq!(guest.guest_cid(), Cid(3), "the CID comes from the device's config space");
     Setup { dir, device, guest }
-}
-
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect()
 }
 
 fn guest_to_host(layout: TxLayout, len: usize) {

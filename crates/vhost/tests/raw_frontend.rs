@@ -27,7 +27,9 @@ use vm_memory::{Address, Bytes, FileOffset, GuestAddress, GuestMemoryBackend, Gu
 use vmm_sys_util::eventfd::EventFd;
 use zerovsock::wire::{Addr, Cid, Op, Port, Repr, SocketType};
 use zerovsock::{VsockListener, VsockSeqpacketListener, VsockSocket};
-use zerovsock_vhost::{Device, DeviceConfig};
+use zerovsock_vhost::Device;
+
+mod common;
 
 const QUEUE: u16 = 64;
 const MEM_SIZE: usize = 16 << 20;
@@ -67,12 +69,7 @@ impl Driver {
                 (1 << VIRTIO_F_VERSION_1) | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(),
             )
             .expect("features");
-        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "zerovsock-vhost-test-mem-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::SeqCst)
-        ));
+        let path = common::fresh_dir("mem").join("guest-memory");
         let file = File::options()
             .read(true)
             .write(true)
@@ -189,16 +186,9 @@ fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
 
 #[test]
 fn a_chain_held_across_a_ring_reset_is_not_returned_into_the_new_ring() {
-    let dir =
-        std::env::temp_dir().join(format!("zerovsock-vhost-test-reset-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let device = Arc::new(Device::new(DeviceConfig::new(3)).expect("device"));
+    let (device, socket, _) = common::serve_device(&common::fresh_dir("reset"), false);
     let listener = VsockListener::bind(device.vsock(), Addr::new(Cid::ANY, Port(5000)))
         .expect("host listener");
-    let socket = dir.join("vhost.sock");
-    let serving = device.clone();
-    let path = socket.clone();
-    thread::spawn(move || serving.serve(&path));
     let mut driver = Driver::connect(&socket);
 
     // A connection, then 1000 bytes the host application has not read yet: the RW chain
@@ -228,14 +218,7 @@ fn a_chain_held_across_a_ring_reset_is_not_returned_into_the_new_ring() {
 }
 
 fn device_and_driver(tag: &str) -> (Arc<Device>, Driver) {
-    let dir =
-        std::env::temp_dir().join(format!("zerovsock-vhost-test-{tag}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let device = Arc::new(Device::new(DeviceConfig::new(3)).expect("device"));
-    let socket = dir.join("vhost.sock");
-    let serving = device.clone();
-    let path = socket.clone();
-    thread::spawn(move || serving.serve(&path));
+    let (device, socket, _) = common::serve_device(&common::fresh_dir(tag), false);
     let driver = Driver::connect(&socket);
     (device, driver)
 }
