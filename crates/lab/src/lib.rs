@@ -118,21 +118,9 @@ pub fn workspace_root() -> Result<PathBuf> {
 /// Builds the test binaries of `package` as static executables for the guest and returns
 /// their paths (test targets only, not the binaries or examples built beside them).
 pub fn build_static_tests(package: &str) -> Result<Vec<PathBuf>> {
-    let root = workspace_root()?;
-    let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .current_dir(&root)
-        .args(["test", "--no-run", "--release", "--locked", "-p", package])
-        .args(["--target", "x86_64-unknown-linux-gnu", "--message-format", "json"])
-        .arg("--target-dir")
-        .arg(root.join("target/guest"))
-        .env("RUSTFLAGS", "-C target-feature=+crt-static")
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .context("building guest tests")?;
-    if !out.status.success() {
-        bail!("building the guest tests of {package} failed");
-    }
-    let binaries = test_executables(&String::from_utf8_lossy(&out.stdout));
+    let messages = guest_build(&["test", "--no-run", "--release", "--locked", "-p", package])
+        .with_context(|| format!("building the guest tests of {package}"))?;
+    let binaries = test_executables(&messages);
     if binaries.is_empty() {
         bail!("cargo built no test binary for {package}");
     }
@@ -141,27 +129,36 @@ pub fn build_static_tests(package: &str) -> Result<Vec<PathBuf>> {
 
 /// Builds one example of `package` as a static executable for the guest and returns its path.
 pub fn build_static_example(package: &str, example: &str) -> Result<PathBuf> {
-    let root = workspace_root()?;
-    let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .current_dir(&root)
-        .args(["build", "--release", "--locked", "-p", package, "--example", example])
-        .args(["--target", "x86_64-unknown-linux-gnu", "--message-format", "json"])
-        .arg("--target-dir")
-        .arg(root.join("target/guest"))
-        .env("RUSTFLAGS", "-C target-feature=+crt-static")
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .context("building a guest example")?;
-    if !out.status.success() {
-        bail!("building example {example} of {package} failed");
-    }
-    String::from_utf8_lossy(&out.stdout)
+    let messages =
+        guest_build(&["build", "--release", "--locked", "-p", package, "--example", example])
+            .with_context(|| format!("building example {example} of {package}"))?;
+    messages
         .lines()
         .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
         .filter(|message| message["reason"] == "compiler-artifact")
         .filter(|message| message["target"]["name"] == example)
         .find_map(|message| message["executable"].as_str().map(PathBuf::from))
         .with_context(|| format!("cargo built no executable for example {example}"))
+}
+
+/// Runs `cargo ARGS` for the guest (static executables, in `target/guest`) and returns cargo's
+/// JSON messages.
+fn guest_build(args: &[&str]) -> Result<String> {
+    let root = workspace_root()?;
+    let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .current_dir(&root)
+        .args(args)
+        .args(["--target", "x86_64-unknown-linux-gnu", "--message-format", "json"])
+        .arg("--target-dir")
+        .arg(root.join("target/guest"))
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("running cargo")?;
+    if !out.status.success() {
+        bail!("cargo {} failed", args.join(" "));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// The test executables among cargo's JSON messages (`--message-format json`): artifacts built

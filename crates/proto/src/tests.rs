@@ -1106,11 +1106,16 @@ fn unclaimed(host: &mut Host, backlog: u32) -> SocketId {
     id
 }
 
-fn request_to(port: u32, from: u32) -> Repr {
-    let mut repr = stream(Op::Request);
+/// A STREAM packet from the guest's port `from` to the host's `port`.
+fn between(op: Op, port: u32, from: u32) -> Repr {
+    let mut repr = stream(op);
     repr.dst.port = Port(port);
     repr.src.port = Port(from);
     repr
+}
+
+fn request_to(port: u32, from: u32) -> Repr {
+    between(Op::Request, port, from)
 }
 
 #[test]
@@ -1129,9 +1134,7 @@ fn unclaimed_listener_takes_any_port_and_answers_only_when_confirmed() {
         (Op::Response, Port(7000), Port(1))
     );
     assert!(!host.engine.confirm(child), "answered once");
-    let mut rw = stream(Op::Rw);
-    rw.dst.port = Port(7000);
-    rw.src.port = Port(1);
+    let rw = between(Op::Rw, 7000, 1);
     assert_eq!(host.deliver(Repr { len: 2, ..rw }, b"hi"), Disposition::Delivered);
     assert_eq!(host.engine.recv(child, 8).unwrap().payload().to_vec(), b"hi");
 }
@@ -1189,10 +1192,7 @@ fn peer_reset_before_confirm_leaves_nothing_to_answer() {
     let listener = unclaimed(&mut host, 8);
     host.deliver(request_to(7000, 1), &[]);
     let child = host.engine.accept(listener).unwrap();
-    let mut rst = stream(Op::Rst);
-    rst.dst.port = Port(7000);
-    rst.src.port = Port(1);
-    host.deliver(rst, &[]);
+    host.deliver(between(Op::Rst, 7000, 1), &[]);
     assert!(!host.engine.confirm(child));
     host.engine.close(host.now, child);
     assert_eq!(host.ops(), vec![], "RST is never answered");

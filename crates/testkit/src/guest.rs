@@ -129,10 +129,7 @@ fn connect_retrying(socket: &Path, patience: Duration) -> io::Result<Frontend> {
     loop {
         match Frontend::connect(socket, 3) {
             Ok(frontend) => return Ok(frontend),
-            Err(e) if Instant::now() < deadline => {
-                let _ = e;
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
             Err(e) => {
                 return Err(io::Error::other(format!("connecting to {}: {e}", socket.display())))
             }
