@@ -619,6 +619,47 @@ impl Engine {
         Ok(grant.len)
     }
 
+    /// Finishes a copy-mode STREAM pass whose bytes the caller has already written where the
+    /// peer reads them (a device's `readv` from a host socket straight into guest RX buffers):
+    /// the first `len` bytes of the grant were sent, the rest of its credit comes back, and the
+    /// header of the one RW packet that carries them is returned instead of queued. The caller
+    /// delivers it in front of those bytes, before any packet it transmits afterwards, so the
+    /// peer sees `fwd_cnt` in order. `None` when `len` is 0 (the grant is given back).
+    ///
+    /// STREAM only (a message cannot be cut where a `readv` stopped). The grant must be a copy
+    /// pass of at most one packet (64 KiB) and `len` at most its length; a grant that cannot be finished (the socket was shut down or reset since, by
+    /// the same lock holder) is given back and its error returned, as [`Engine::finish_send`].
+    pub fn finish_placed(
+        &mut self,
+        grant: SendGrant,
+        len: usize,
+    ) -> Result<Option<Repr>, SendError> {
+        assert!(grant.zerocopy.is_none(), "a placed pass copies: it has no completion id");
+        assert!(len <= grant.len && grant.len <= MAX_PACKET_PAYLOAD as usize);
+        let Some(socket) = self.sockets.get_mut(&grant.socket).filter(|s| !s.orphan) else {
+            return Err(SendError::UnknownSocket);
+        };
+        assert_eq!(socket.socket_type, SocketType::Stream, "only a STREAM pass can be placed");
+        if let Some(error) = socket.send_blocked_by() {
+            self.abort_send(grant);
+            return Err(error);
+        }
+        socket.credit.unreserve((grant.len - len) as u32);
+        if len == 0 {
+            return Ok(None);
+        }
+        let (Some(local), Some(remote)) = (socket.local, socket.remote) else {
+            return Err(SendError::NotConnected);
+        };
+        let (buf_alloc, fwd_cnt) = socket.credit.stamp();
+        Ok(Some(Repr {
+            buf_alloc,
+            fwd_cnt,
+            len: len as u32,
+            ..Repr::new(Op::Rw, socket.socket_type, local, remote)
+        }))
+    }
+
     /// Describes what a read of up to `max` bytes returns, without consuming it. An empty lease
     /// is end of stream. Commit it with [`Engine::commit_recv`] unless peeking.
     ///

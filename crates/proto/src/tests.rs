@@ -394,7 +394,9 @@ fn local_shut_wr_and_peer_shut_rd_give_broken_pipe() {
 
     let mut host = Host::new();
     let child = host.established(SocketType::Stream);
-    host.deliver(Repr { flags: ShutdownFlags::RECEIVE.bits(), ..stream(Op::Shutdown) }, &[]);
+    let shutdown =
+        Repr { flags: ShutdownFlags::RECEIVE.bits(), buf_alloc: 1000, ..stream(Op::Shutdown) };
+    host.deliver(shutdown, &[]);
     assert_eq!(host.send(child, b"x", false), Err(SendError::BrokenPipe));
 }
 
@@ -652,6 +654,38 @@ fn credit_carried_by_any_packet_wakes_the_writer() {
         assert_eq!(host.engine.send_space(child), 100);
         assert_eq!(woken(&mut host), [child], "{carrier:?} carried credit");
     }
+}
+
+#[test]
+fn placed_pass_takes_only_what_was_placed_and_returns_its_header_unqueued() {
+    let mut host = Host::new();
+    let child = host.established(SocketType::Stream);
+    // The guest has read 40 bytes of 1000 sent before: the header must carry that fwd_cnt.
+    host.deliver(Repr { buf_alloc: 1000, ..stream(Op::CreditUpdate) }, &[]);
+    host.deliver(Repr { len: 40, buf_alloc: 1000, ..stream(Op::Rw) }, &[7u8; 40]);
+    let lease = host.engine.recv(child, 40).unwrap();
+    host.engine.commit_recv(child, lease);
+    host.sent();
+    let grant = host.send(child, &[0u8; 600], false).unwrap();
+    assert_eq!(grant.len(), 600);
+    // A readv filled 250 bytes of the 600 it was offered.
+    let repr = host.engine.finish_placed(grant, 250).unwrap().expect("a header");
+    assert_eq!((repr.op, repr.len, repr.flags), (Op::Rw, 250, 0));
+    assert_eq!((repr.src, repr.dst), (stream(Op::Rw).dst, stream(Op::Rw).src));
+    assert_eq!((repr.buf_alloc, repr.fwd_cnt), (BUF, 40));
+    assert!(host.sent().is_empty(), "the caller delivers the header itself");
+    assert_eq!(host.engine.send_space(child), 750, "the unplaced 350 bytes are credit again");
+    // Nothing placed: the whole grant comes back, and no header.
+    let grant = host.send(child, &[0u8; 100], false).unwrap();
+    assert_eq!(host.engine.finish_placed(grant, 0).unwrap(), None);
+    assert_eq!(host.engine.send_space(child), 750);
+    // A shutdown since the grant: refused, credit back.
+    let grant = host.send(child, &[0u8; 100], false).unwrap();
+    let shutdown =
+        Repr { flags: ShutdownFlags::RECEIVE.bits(), buf_alloc: 1000, ..stream(Op::Shutdown) };
+    host.deliver(shutdown, &[]);
+    assert_eq!(host.engine.finish_placed(grant, 100), Err(SendError::BrokenPipe));
+    assert_eq!(host.engine.send_space(child), 750);
 }
 
 #[test]

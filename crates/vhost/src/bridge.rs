@@ -8,11 +8,11 @@
 //!   success the guest gets RESPONSE, otherwise RST, so its `connect()` fails with ECONNRESET at
 //!   once, as against a Linux host with no listener.
 //!
-//! Data moves without a userspace copy towards the host: what the guest sent is `writev`n from
-//! guest memory into the Unix socket and consumed only as far as the socket took it. Towards the
-//! guest, one read fills a buffer that is sent as it is and copied once into guest RX buffers.
-//! Each connection holds at most one such buffer, and reads nothing while the guest gives no
-//! credit, so a slow guest pushes back on the host socket.
+//! Data moves without a userspace copy either way. Towards the host, what the guest sent is
+//! `writev`n from guest memory into the Unix socket and consumed only as far as the socket took
+//! it. Towards the guest, the vring worker `readv`s the Unix socket straight into the guest's
+//! RX buffers ([`crate::direct`]), never more than the guest's credit, so a slow guest pushes
+//! back on the host socket and nothing is buffered in between.
 //!
 //! The thread is a small executor: every connection is a task woken by epoll (its Unix socket,
 //! edge-triggered) or by the socket layer's wakers (through an eventfd), and a task does a
@@ -30,22 +30,18 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Wake, Waker};
 use std::thread::JoinHandle;
 
-use bytes::{Bytes, BytesMut};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 use zerovsock::wire::{Addr, Cid, Port};
 use zerovsock::{Vsock, VsockListener, VsockStream};
 
+use crate::direct::HostReader;
 use crate::sys;
+use crate::worker::Outbound;
 
 const LISTENER: u64 = 0;
 const WAKE: u64 = 1;
 const FIRST_TASK: u64 = 16;
-/// Bytes read from a host socket per read, and the most a connection buffers towards the
-/// guest.
-const READ_SIZE: usize = 256 * 1024;
-/// A read buffer with less room left than this is replaced by a fresh one.
-const MIN_ROOM: usize = 16 * 1024;
 /// Most bytes lent to one `writev` towards the host.
 const WRITE_SIZE: usize = 1 << 20;
 /// Rounds of work per turn before a task yields to the others.
@@ -64,7 +60,12 @@ pub(crate) struct Bridge {
 }
 
 impl Bridge {
-    pub(crate) fn start(vsock: &Vsock, guest_cid: Cid, uds_path: &Path) -> io::Result<Bridge> {
+    pub(crate) fn start(
+        vsock: &Vsock,
+        outbound: &Arc<Outbound>,
+        guest_cid: Cid,
+        uds_path: &Path,
+    ) -> io::Result<Bridge> {
         // Like vhost-device-vsock: a stale socket file from an earlier run is replaced.
         match std::fs::remove_file(uds_path) {
             Err(e) if e.kind() != ErrorKind::NotFound => return Err(e),
@@ -81,6 +82,7 @@ impl Bridge {
         let epoll = Arc::new(Epoll::new()?);
         let mut exec = Executor {
             vsock: vsock.clone(),
+            outbound: outbound.clone(),
             guest_cid,
             uds_path: uds_path.to_path_buf(),
             epoll: epoll.clone(),
@@ -92,7 +94,7 @@ impl Bridge {
         };
         exec.watch(exec.listener.as_raw_fd(), LISTENER)?;
         exec.watch(ready.kick.as_raw_fd(), WAKE)?;
-        let accept = exec.spawn(Task::Accept(guest), None)?;
+        let accept = exec.spawn(|_| Task::Accept(guest), None)?;
         exec.due.insert(accept);
         let executor = Arc::new(Mutex::new(exec));
         let (flag, shared) = (stop.clone(), executor.clone());
@@ -169,9 +171,7 @@ fn run(executor: &Mutex<Executor>, epoll: &Epoll, stop: &AtomicBool) {
                 WAKE => {
                     let _ = exec.ready.kick.read();
                 }
-                id => {
-                    exec.due.insert(id);
-                }
+                id => exec.on_event(id, event.event_set()),
             }
         }
     }
@@ -225,15 +225,13 @@ enum Task {
 }
 
 struct Pipe {
-    unix: UnixStream,
-    stream: VsockStream,
+    /// The Unix socket and the guest connection, shared with the vring worker, which reads
+    /// the socket into the guest's RX buffers.
+    reader: Arc<HostReader>,
     /// Bytes owed to the host program before any data (the `OK` line).
     prefix: Vec<u8>,
-    /// Read from the host, not yet taken by the guest's credit.
-    to_guest: Option<Bytes>,
-    /// Zeroed room reads land in; each read's bytes are split off and sent as they are, so
-    /// the zeroing is paid once per byte read, not once per attempt.
-    room: BytesMut,
+    /// The last write to the host socket would have blocked: its writability matters.
+    write_blocked: bool,
     host_eof: bool,
     guest_eof: bool,
 }
@@ -246,6 +244,7 @@ enum Turn {
 
 struct Executor {
     vsock: Vsock,
+    outbound: Arc<Outbound>,
     guest_cid: Cid,
     uds_path: PathBuf,
     epoll: Arc<Epoll>,
@@ -264,15 +263,31 @@ impl Executor {
         self.epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(events, token))
     }
 
-    fn spawn(&mut self, task: Task, fd: Option<i32>) -> io::Result<u64> {
+    /// Adds the task `make` builds with its waker, watching `fd` for it.
+    fn spawn(&mut self, make: impl FnOnce(&Waker) -> Task, fd: Option<i32>) -> io::Result<u64> {
         let id = self.next;
         self.next += 1;
         if let Some(fd) = fd {
             self.watch(fd, id)?;
         }
         let waker = Waker::from(Arc::new(TaskWaker { id, ready: self.ready.clone() }));
-        self.tasks.insert(id, (task, waker));
+        self.tasks.insert(id, (make(&waker), waker));
         Ok(id)
+    }
+
+    /// An epoll event for task `id`'s socket. A pipe's readable socket is the vring worker's
+    /// to read; the pipe itself runs only when its socket's writability is what it waits for.
+    fn on_event(&mut self, id: u64, events: EventSet) {
+        let failed = events.intersects(EventSet::HANG_UP | EventSet::ERROR);
+        if let Some((Task::Pipe(pipe), _)) = self.tasks.get(&id) {
+            if failed || events.intersects(EventSet::IN | EventSet::READ_HANG_UP) {
+                pipe.reader.request();
+            }
+            if !(failed || (pipe.write_blocked && events.contains(EventSet::OUT))) {
+                return;
+            }
+        }
+        self.due.insert(id);
     }
 
     /// Moves the tasks woken by the socket layer to the due set.
@@ -304,8 +319,8 @@ impl Executor {
                         continue;
                     }
                     let fd = unix.as_raw_fd();
-                    if let Ok(id) = self.spawn(Task::Handshake { unix, line: Vec::new() }, Some(fd))
-                    {
+                    let handshake = |_: &Waker| Task::Handshake { unix, line: Vec::new() };
+                    if let Ok(id) = self.spawn(handshake, Some(fd)) {
                         self.due.insert(id);
                     }
                 }
@@ -338,20 +353,28 @@ impl Executor {
             Task::Connecting { unix, mut connect } => match connect.as_mut().poll(&mut cx) {
                 Poll::Pending => (Some(Task::Connecting { unix, connect }), Turn::Pending),
                 Poll::Ready(Err(_)) => (None, Turn::Done),
-                Poll::Ready(Ok(stream)) => {
-                    // The host-side port, as Firecracker and cloud-hypervisor answer.
-                    let port = stream.local_addr().map(|a| a.port.0).unwrap_or(0);
-                    let ok = format!("OK {port}\n").into_bytes();
-                    (Some(Task::Pipe(Pipe::new(unix, stream, ok))), Turn::Again)
-                }
+                Poll::Ready(Ok(stream)) => match connection(&stream) {
+                    Some(conn) => {
+                        // The host-side port, as Firecracker and cloud-hypervisor answer.
+                        let ok = format!("OK {}\n", conn.0.port.0).into_bytes();
+                        let pipe = Pipe::new(unix, stream, conn, ok, &self.outbound, &waker);
+                        (Some(Task::Pipe(pipe)), Turn::Again)
+                    }
+                    None => (None, Turn::Done),
+                },
             },
             Task::Pipe(mut pipe) => {
                 let outcome = pipe.turn(&mut cx);
                 (Some(Task::Pipe(pipe)), outcome)
             }
         };
-        for (task, fd) in spawned {
-            if let Ok(id) = self.spawn(task, Some(fd)) {
+        for (unix, stream, conn) in spawned {
+            let fd = unix.as_raw_fd();
+            let outbound = self.outbound.clone();
+            let pipe = |waker: &Waker| {
+                Task::Pipe(Pipe::new(unix, stream, conn, Vec::new(), &outbound, waker))
+            };
+            if let Ok(id) = self.spawn(pipe, Some(fd)) {
                 self.due.insert(id);
             }
         }
@@ -374,7 +397,7 @@ impl Executor {
         &self,
         listener: &VsockListener,
         cx: &mut Context<'_>,
-        spawned: &mut Vec<(Task, i32)>,
+        spawned: &mut Vec<(UnixStream, VsockStream, (Addr, Addr))>,
     ) -> Turn {
         for _ in 0..TURN {
             let stream = match listener.poll_accept(cx) {
@@ -382,19 +405,21 @@ impl Executor {
                 Poll::Ready(Ok((stream, _))) => stream,
                 Poll::Ready(Err(_)) => return Turn::Pending,
             };
-            let Ok(local) = stream.local_addr() else { continue };
-            let path = format!("{}_{}", self.uds_path.display(), local.port.0);
+            let Some(conn) = connection(&stream) else { continue };
+            let path = format!("{}_{}", self.uds_path.display(), conn.0.port.0);
             match connect_unix(Path::new(&path)) {
-                Ok(unix) if stream.confirm().is_ok() => {
-                    let fd = unix.as_raw_fd();
-                    spawned.push((Task::Pipe(Pipe::new(unix, stream, Vec::new())), fd));
-                }
+                Ok(unix) if stream.confirm().is_ok() => spawned.push((unix, stream, conn)),
                 // Dropping the unanswered stream refuses it with RST.
                 _ => drop(stream),
             }
         }
         Turn::Again
     }
+}
+
+/// A connection's (host, guest) addresses, as its packets carry them.
+fn connection(stream: &VsockStream) -> Option<(Addr, Addr)> {
+    Some((stream.local_addr().ok()?, stream.peer_addr().ok()?))
 }
 
 /// A non-blocking Unix connect: it succeeds or fails at once (a full backlog is a refusal).
@@ -438,19 +463,23 @@ pub(crate) fn parse_connect(line: &[u8]) -> Option<u32> {
 }
 
 impl Pipe {
-    fn new(unix: UnixStream, stream: VsockStream, prefix: Vec<u8>) -> Pipe {
-        Pipe {
-            unix,
-            stream,
-            prefix,
-            to_guest: None,
-            room: BytesMut::new(),
-            host_eof: false,
-            guest_eof: false,
-        }
+    fn new(
+        unix: UnixStream,
+        stream: VsockStream,
+        conn: (Addr, Addr),
+        prefix: Vec<u8>,
+        outbound: &Arc<Outbound>,
+        waker: &Waker,
+    ) -> Pipe {
+        let reader =
+            HostReader::new(Arc::new(unix), Arc::new(stream), conn, outbound, waker.clone());
+        // Whatever the host program sent already (after its CONNECT line) gets no new event.
+        reader.request();
+        Pipe { reader, prefix, write_blocked: false, host_eof: false, guest_eof: false }
     }
 
-    /// Moves data both ways until both sides would block, or for one turn.
+    /// Moves data towards the host until it would block, or for one turn, and takes note of
+    /// what the vring worker found on the host socket.
     fn turn(&mut self, cx: &mut Context<'_>) -> Turn {
         for _ in 0..TURN {
             match self.step(cx) {
@@ -458,73 +487,61 @@ impl Pipe {
                 Ok(false) => return Turn::Pending,
                 Err(_) => return Turn::Done,
             }
-            if self.host_eof && self.guest_eof && self.to_guest.is_none() {
+            if self.host_eof && self.guest_eof {
                 return Turn::Done;
             }
         }
         Turn::Again
     }
 
-    /// One round each way; whether anything moved.
+    /// One round; whether anything moved.
     fn step(&mut self, cx: &mut Context<'_>) -> io::Result<bool> {
         let mut moved = false;
+        let (unix, stream) = (&*self.reader.unix, &*self.reader.stream);
+        self.write_blocked = false;
         // Towards the host: the line owed first, then what the guest sent.
         if !self.prefix.is_empty() {
-            match self.unix.write(&self.prefix) {
+            match (&*unix).write(&self.prefix) {
                 Ok(n) => {
                     self.prefix.drain(..n);
                     moved = true;
                 }
-                Err(e) if would_block(&e) => {}
+                Err(e) if would_block(&e) => self.write_blocked = true,
                 Err(e) => return Err(e),
             }
         }
         if self.prefix.is_empty() && !self.guest_eof {
-            let fd = self.unix.as_fd();
-            match self.stream.poll_read_with(cx, WRITE_SIZE, |payload| sys::writev(fd, payload)) {
+            let fd = unix.as_fd();
+            match stream.poll_read_with(cx, WRITE_SIZE, |payload| sys::writev(fd, payload)) {
                 Poll::Ready(Ok(0)) => {
                     self.guest_eof = true;
-                    let _ = self.unix.shutdown(std::net::Shutdown::Write);
+                    let _ = unix.shutdown(std::net::Shutdown::Write);
                     moved = true;
                 }
                 Poll::Ready(Ok(_)) => moved = true,
-                Poll::Ready(Err(e)) if would_block(&e) => {}
+                Poll::Ready(Err(e)) if would_block(&e) => self.write_blocked = true,
                 Poll::Ready(Err(e)) => return Err(e),
                 Poll::Pending => {}
             }
         }
-        // Towards the guest: one buffer at a time, read only once the last one is taken.
-        if self.to_guest.is_none() && !self.host_eof {
-            if self.room.len() < MIN_ROOM {
-                self.room = BytesMut::zeroed(READ_SIZE);
+        // Towards the guest the vring worker reads; its end of file ends this direction.
+        if !self.host_eof {
+            if self.reader.failed() {
+                return Err(ErrorKind::BrokenPipe.into());
             }
-            match self.unix.read(&mut self.room[..]) {
-                Ok(0) => {
-                    self.host_eof = true;
-                    let _ = self.stream.shutdown(std::net::Shutdown::Write);
-                    moved = true;
-                }
-                Ok(n) => {
-                    self.to_guest = Some(self.room.split_to(n).freeze());
-                    moved = true;
-                }
-                Err(e) if would_block(&e) => {}
-                Err(e) => return Err(e),
-            }
-        }
-        if let Some(bytes) = self.to_guest.take() {
-            match self.stream.poll_write_bytes(cx, &bytes) {
-                Poll::Ready(Ok(n)) => {
-                    moved = true;
-                    if n < bytes.len() {
-                        self.to_guest = Some(bytes.slice(n..));
-                    }
-                }
-                Poll::Ready(Err(e)) => return Err(e),
-                Poll::Pending => self.to_guest = Some(bytes),
+            if self.reader.at_eof() {
+                self.host_eof = true;
+                let _ = stream.shutdown(std::net::Shutdown::Write);
+                moved = true;
             }
         }
         Ok(moved)
+    }
+}
+
+impl Drop for Pipe {
+    fn drop(&mut self) {
+        self.reader.close();
     }
 }
 

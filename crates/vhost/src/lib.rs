@@ -32,6 +32,7 @@
 
 mod backend;
 mod bridge;
+mod direct;
 mod sys;
 mod worker;
 
@@ -108,9 +109,12 @@ impl Device {
             DeviceTransport { guest_cid: Cid(config.guest_cid), outbound: outbound.clone() };
         let vsock = Vsock::with_transport(transport);
         let bridge = match &config.uds_path {
-            Some(path) => {
-                Some(Arc::new(bridge::Bridge::start(&vsock, Cid(config.guest_cid), path)?))
-            }
+            Some(path) => Some(Arc::new(bridge::Bridge::start(
+                &vsock,
+                &outbound,
+                Cid(config.guest_cid),
+                path,
+            )?)),
             None => None,
         };
         Ok(Device {

@@ -364,3 +364,146 @@ fn host_data_waiting_for_rx_buffers_does_not_stop_guest_tx() {
     let mut got = [0u8; 10];
     std::io::Read::read_exact(&mut &server, &mut got).expect("host read");
 }
+
+/// Linux-shaped RX buffers: `count` single descriptors of `size` bytes (header included).
+fn rx_ring(mem: &GuestMemory, count: u16, size: u32) -> (MockSplitQueue<'_, GuestMemory>, Queue) {
+    let rx_mock = MockSplitQueue::create(mem, GuestAddress(0x40_0000), 256);
+    let rx: Queue = rx_mock.create_queue().expect("rx queue");
+    let descs: Vec<RawDescriptor> = (0..count)
+        .map(|i| {
+            let addr = RX_BUFFERS + u64::from(i) * u64::from(size);
+            RawDescriptor::from(Descriptor::new(addr, size, VRING_DESC_F_WRITE as u16, 0))
+        })
+        .collect();
+    rx_mock.add_desc_chains(&descs, 0).expect("rx chains");
+    (rx_mock, rx)
+}
+
+const RX_BUFFERS: u64 = 0x50_0000;
+
+/// Headers and payload bytes of the used RX chains, in used-ring order.
+fn rx_packets(mem: &GuestMemory, used: &[Used], size: u32) -> Vec<(Repr, Vec<u8>)> {
+    used.iter()
+        .map(|entry| {
+            let at = RX_BUFFERS + u64::from(entry.head) * u64::from(size);
+            let mut bytes = vec![0u8; entry.len as usize];
+            mem.read_slice(&mut bytes, GuestAddress(at)).expect("rx chain");
+            let repr = Repr::parse_bytes(&bytes[..HEADER_LEN]).expect("device header");
+            assert_eq!(repr.len as usize, bytes.len() - HEADER_LEN, "header length vs used length");
+            (repr, bytes.split_off(HEADER_LEN))
+        })
+        .collect()
+}
+
+/// Host to guest through a Unix endpoint: the worker `readv`s the host socket straight into
+/// the guest's RX buffers, never past the guest's credit, with nothing queued in between; the
+/// rest stays in the host socket until the guest gives credit; end of file is seen even when
+/// it arrived with the last bytes.
+#[test]
+fn host_socket_data_is_read_straight_into_rx_buffers_within_the_guests_credit() {
+    use std::io::Write;
+    let mut h = Harness::new(64);
+    let mem = h.mem.clone();
+    let listener =
+        VsockListener::bind(&h.vsock, Addr::new(Cid::ANY, Port(5000))).expect("listener");
+    h.offer_packet(Repr { buf_alloc: 20_000, ..from_guest(Op::Request, 1000, 5000) }, &[]);
+    h.run_tx();
+    let (server, _) = listener.accept().expect("accept");
+    let (host_end, mut program) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+    host_end.set_nonblocking(true).expect("nonblocking");
+    let conn = (Addr::new(Cid::HOST, Port(5000)), Addr::new(GUEST, Port(1000)));
+    let reader = crate::direct::HostReader::new(
+        Arc::new(host_end),
+        Arc::new(server),
+        conn,
+        &h.worker.outbound,
+        std::task::Waker::noop().clone(),
+    );
+    let data: Vec<u8> = (0..30_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
+    program.write_all(&data).expect("program write");
+    program.shutdown(std::net::Shutdown::Write).expect("program shutdown");
+    const SIZE: u32 = 3776;
+    let (_rx_mock, mut rx) = rx_ring(&mem, 64, SIZE);
+    let mut used = Vec::new();
+    // The RESPONSE went out through the queue; everything after it is placed.
+    h.worker.process_rx(&mem, &mut rx, &mut used);
+    reader.request();
+    for _ in 0..8 {
+        h.worker.process_rx(&mem, &mut rx, &mut used);
+    }
+    let packets = rx_packets(&mem, &used, SIZE);
+    assert_eq!(packets[0].0.op, Op::Response);
+    let rw: Vec<_> = packets[1..].iter().filter(|(r, _)| r.op == Op::Rw).collect();
+    let placed: Vec<u8> = rw.iter().flat_map(|(_, b)| b.clone()).collect();
+    assert_eq!(placed.len(), 20_000, "the guest's whole credit and no more");
+    assert!(placed == data[..20_000], "other bytes than the host program wrote");
+    for (repr, _) in &rw {
+        assert_eq!((repr.src, repr.dst), conn);
+        assert!(repr.len as usize <= SIZE as usize - HEADER_LEN);
+    }
+    assert_eq!(h.worker.outbound.len(), 0, "host data went through the packet queue");
+    assert!(!reader.at_eof(), "end of file seen before the bytes ahead of it were placed");
+    // The guest reads it all and says so: the rest comes, then end of file.
+    h.offer_packet(
+        Repr { buf_alloc: 20_000, fwd_cnt: 20_000, ..from_guest(Op::CreditUpdate, 1000, 5000) },
+        &[],
+    );
+    h.run_tx();
+    let before = used.len();
+    for _ in 0..8 {
+        h.worker.process_rx(&mem, &mut rx, &mut used);
+    }
+    let rest: Vec<u8> =
+        rx_packets(&mem, &used[before..], SIZE).into_iter().flat_map(|(_, b)| b).collect();
+    assert!(rest == data[20_000..], "{} bytes after the credit update", rest.len());
+    assert!(reader.at_eof(), "the host program's end of file was not seen");
+}
+
+/// Every packet stamps the host's `fwd_cnt`, and Linux's driver takes the latest header's
+/// value as it is (`virtio_transport_space_update`): a header placed ahead of an older queued
+/// packet of the same connection would make the guest's view of its credit go backwards.
+#[test]
+fn placed_host_data_never_overtakes_the_connections_queued_packets() {
+    use std::io::{Read, Write};
+    let mut h = Harness::new(64);
+    let mem = h.mem.clone();
+    let listener =
+        VsockListener::bind(&h.vsock, Addr::new(Cid::ANY, Port(5000))).expect("listener");
+    h.offer_packet(from_guest(Op::Request, 1000, 5000), &[]);
+    h.run_tx();
+    let (server, _) = listener.accept().expect("accept");
+    let mut got = [0u8; 150];
+    // fwd_cnt 100, announced by CREDIT_UPDATEs that wait for RX buffers; then 150.
+    h.offer_packet(from_guest(Op::Rw, 1000, 5000), &[1; 100]);
+    h.run_tx();
+    (&server).read_exact(&mut got[..100]).expect("host read");
+    h.offer_packet(from_guest(Op::CreditRequest, 1000, 5000), &[]);
+    h.offer_packet(from_guest(Op::Rw, 1000, 5000), &[2; 50]);
+    h.run_tx();
+    (&server).read_exact(&mut got[100..]).expect("host read");
+    let (host_end, mut program) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+    host_end.set_nonblocking(true).expect("nonblocking");
+    let conn = (Addr::new(Cid::HOST, Port(5000)), Addr::new(GUEST, Port(1000)));
+    let reader = crate::direct::HostReader::new(
+        Arc::new(host_end),
+        Arc::new(server),
+        conn,
+        &h.worker.outbound,
+        std::task::Waker::noop().clone(),
+    );
+    program.write_all(&[9; 1000]).expect("program write");
+    reader.request();
+    const SIZE: u32 = 4096;
+    let (_rx_mock, mut rx) = rx_ring(&mem, 64, SIZE);
+    let mut used = Vec::new();
+    for _ in 0..4 {
+        h.worker.process_rx(&mem, &mut rx, &mut used);
+    }
+    let packets = rx_packets(&mem, &used, SIZE);
+    let ops: Vec<Op> = packets.iter().map(|(r, _)| r.op).collect();
+    assert_eq!(ops.last(), Some(&Op::Rw), "host data after the queued packets: {ops:?}");
+    let fwd: Vec<u32> = packets.iter().map(|(r, _)| r.fwd_cnt).collect();
+    assert!(fwd.contains(&100), "{fwd:?}");
+    assert!(fwd.is_sorted(), "fwd_cnt went backwards in delivery order: {fwd:?} ({ops:?})");
+    assert_eq!(packets.last().map(|p| p.1.as_slice()), Some(&[9u8; 1000][..]));
+}

@@ -2,14 +2,18 @@
 //! engine's packets into RX buffers. `backend.rs` calls it from the vring worker; the tests call
 //! it with mock queues over real guest memory.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
+use std::os::fd::AsFd;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
 
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 use zerovsock::{Packet, Transport, Vsock};
 use zerovsock_virtio::{GuestMemory, Returns, RxBuffer, TxPacket, Used};
-use zerovsock_wire::{Addr, Cid, Header, Op, HEADER_LEN};
+use zerovsock_wire::{Addr, Cid, Header, Op, Repr, HEADER_LEN, MAX_PACKET_PAYLOAD};
+
+use crate::direct::HostReader;
 
 /// Per wake-up bounds on TX work, as vhost's `vhost_exceeds_weight` (`VHOST_VSOCK_PKT_WEIGHT`,
 /// `VHOST_VSOCK_WEIGHT`), so one busy queue cannot hold the worker.
@@ -18,7 +22,8 @@ pub(crate) const TX_BYTE_BUDGET: usize = 512 * 1024;
 /// The same bounds on RX work per wake-up.
 pub(crate) const RX_PACKET_BUDGET: usize = 256;
 
-/// Packets the engine wants delivered to the guest, in order.
+/// Packets the engine wants delivered to the guest, in order, and the host sockets whose data
+/// the worker reads straight into RX buffers ([`HostReader`]).
 pub(crate) struct Outbound {
     queue: Mutex<Queued>,
     /// Wakes the vring worker when the queue stops being empty.
@@ -31,6 +36,33 @@ struct Queued {
     /// Among them, answers to the guest's packets (RESPONSE, RST): what
     /// `vhost_vsock_more_replies` counts (`virtio_vsock_skb_reply`).
     replies: usize,
+    /// Queued packets per connection (source, destination): a connection's host data may be
+    /// placed only when none of its packets wait, so the guest sees its headers in order.
+    per_conn: HashMap<(Addr, Addr), usize>,
+    /// Host sockets that may have data for the guest.
+    readers: VecDeque<Arc<HostReader>>,
+}
+
+impl Queued {
+    fn count(&mut self, packet: &Packet, added: bool) {
+        let key = (packet.repr.src, packet.repr.dst);
+        if added {
+            *self.per_conn.entry(key).or_default() += 1;
+            self.replies += usize::from(is_reply(packet));
+        } else {
+            if let Some(count) = self.per_conn.get_mut(&key) {
+                *count -= 1;
+                if *count == 0 {
+                    self.per_conn.remove(&key);
+                }
+            }
+            self.replies -= usize::from(is_reply(packet));
+        }
+    }
+
+    fn idle(&self) -> bool {
+        self.packets.is_empty() && self.readers.is_empty()
+    }
 }
 
 /// Whether a packet counts as a reply to the guest.
@@ -50,8 +82,15 @@ impl Outbound {
         self.queue.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Packets waiting for RX buffers.
+    #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.lock().packets.len()
+    }
+
+    /// Nothing waits for RX buffers.
+    pub(crate) fn is_idle(&self) -> bool {
+        self.lock().idle()
     }
 
     /// Replies waiting for RX buffers.
@@ -60,13 +99,14 @@ impl Outbound {
     }
 
     fn push(&self, packet: Packet) {
-        let was_empty = {
+        let was_idle = {
             let mut queue = self.lock();
-            queue.replies += usize::from(is_reply(&packet));
+            let was_idle = queue.idle();
+            queue.count(&packet, true);
             queue.packets.push_back(packet);
-            queue.packets.len() == 1
+            was_idle
         };
-        if was_empty {
+        if was_idle {
             let _ = self.kick.write(1);
         }
     }
@@ -74,8 +114,46 @@ impl Outbound {
     fn pop(&self) -> Option<Packet> {
         let mut queue = self.lock();
         let packet = queue.packets.pop_front()?;
-        queue.replies -= usize::from(is_reply(&packet));
+        queue.count(&packet, false);
         Some(packet)
+    }
+
+    /// Packets of connection `conn` (source, destination) waiting.
+    pub(crate) fn pending_for(&self, conn: (Addr, Addr)) -> usize {
+        self.lock().per_conn.get(&conn).copied().unwrap_or(0)
+    }
+
+    /// Queues a host socket to be read into RX buffers ([`HostReader::request`] does, once).
+    pub(crate) fn push_reader(&self, reader: Arc<HostReader>) {
+        let was_idle = {
+            let mut queue = self.lock();
+            let was_idle = queue.idle();
+            queue.readers.push_back(reader);
+            was_idle
+        };
+        // On the vring worker itself (credit that came with the guest's packets), RX work
+        // follows anyway.
+        if was_idle && !crate::bridge::is_helping() {
+            let _ = self.kick.write(1);
+        }
+    }
+
+    fn pop_reader(&self) -> Option<Arc<HostReader>> {
+        self.lock().readers.pop_front()
+    }
+
+    /// Puts a reader back first in line (it waits for RX buffers).
+    fn unpop_reader(&self, reader: Arc<HostReader>) {
+        self.lock().readers.push_front(reader);
+    }
+
+    /// Puts a reader back last in line (it had its turn).
+    fn requeue_reader(&self, reader: Arc<HostReader>) {
+        self.lock().readers.push_back(reader);
+    }
+
+    fn readers(&self) -> usize {
+        self.lock().readers.len()
     }
 
     /// Drops the packets from `local` to `remote` (`virtio_transport_purge_skbs`).
@@ -86,13 +164,16 @@ impl Outbound {
                 .into_iter()
                 .partition(|p| p.repr.src == local && p.repr.dst == remote);
             queue.packets = kept;
-            queue.replies = queue.packets.iter().filter(|p| is_reply(p)).count();
+            for packet in &gone {
+                queue.count(packet, false);
+            }
             gone
         };
         drop(dropped);
     }
 
-    /// Drops every queued packet (the guest went away); zerocopy senders get their completions.
+    /// Drops every queued packet and reader (the guest went away); zerocopy senders get their
+    /// completions.
     pub(crate) fn clear(&self) {
         let dropped = std::mem::take(&mut *self.lock());
         drop(dropped);
@@ -183,7 +264,41 @@ pub(crate) struct Worker {
     pub(crate) bridge: Option<Arc<crate::bridge::Bridge>>,
     /// The packet being cut into RX buffers, and how far.
     current: Option<(Packet, usize)>,
+    /// RX buffers taken from the ring and not filled yet (a `readv` that read less than it
+    /// had room for); they are filled before any other.
+    spare: VecDeque<RxBuffer>,
+    /// Whether host data went first in the last RX pass.
+    place_first: bool,
+    /// Addresses for `readv`, kept between calls.
+    scratch: Vec<(usize, usize)>,
     pub(crate) stats: DeviceStats,
+}
+
+/// At most this many RX buffers take one placed packet (Linux posts ~4 KiB buffers: 18 make
+/// 64 KiB).
+const MAX_PLACE_BUFFERS: usize = 32;
+
+/// How one reader's turn ended.
+enum Placed {
+    /// A packet went in; the socket may have more.
+    Some,
+    /// Nothing more for now (drained, no credit, end of file, failed, closed).
+    Done,
+    /// The connection's queued packets go first; next round.
+    Later,
+    /// No RX buffers: wait for the guest.
+    NoBuffers,
+}
+
+/// What the `readv` found.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Read {
+    Nothing,
+    Later,
+    Eof,
+    /// EAGAIN: the socket is empty now.
+    Drained,
+    Data,
 }
 
 impl Worker {
@@ -200,6 +315,9 @@ impl Worker {
             returns,
             bridge: None,
             current: None,
+            spare: VecDeque::new(),
+            place_first: false,
+            scratch: Vec::new(),
             stats: DeviceStats::default(),
         }
     }
@@ -272,7 +390,9 @@ impl Worker {
         progress
     }
 
-    /// Cuts the engine's packets into the guest's RX buffers (within the budget).
+    /// Fills the guest's RX buffers (within the budget) with the engine's packets and with
+    /// data read straight from host sockets; the two take turns at going first, so neither
+    /// starves the other.
     pub(crate) fn process_rx(
         &mut self,
         mem: &GuestMemory,
@@ -280,31 +400,65 @@ impl Worker {
         used: &mut Vec<Used>,
     ) -> Progress {
         let mut progress = Progress::default();
+        self.place_first = !self.place_first;
+        if self.place_first {
+            self.place_host_data(mem, queue, used, &mut progress);
+        }
+        self.deliver_packets(mem, queue, used, &mut progress);
+        if !self.place_first {
+            self.place_host_data(mem, queue, used, &mut progress);
+        }
+        progress
+    }
+
+    /// The next RX buffer: one taken before and not filled, or the next good chain. `None`
+    /// when the ring is empty or this wake-up's budget is spent (then `progress.more`).
+    fn next_buffer(
+        &mut self,
+        mem: &GuestMemory,
+        queue: &mut Queue,
+        used: &mut Vec<Used>,
+        progress: &mut Progress,
+    ) -> Option<RxBuffer> {
+        if let Some(buffer) = self.spare.pop_front() {
+            return Some(buffer);
+        }
         loop {
             if progress.chains >= RX_PACKET_BUDGET {
                 progress.more = true;
-                break;
+                return None;
             }
+            let chain = queue.pop_descriptor_chain(mem)?;
+            progress.chains += 1;
+            match RxBuffer::new(mem, chain) {
+                Ok(buffer) => return Some(buffer),
+                Err((head, _error)) => {
+                    self.stats.bad_rx_chains += 1;
+                    used.push(Used { head, len: 0 });
+                }
+            }
+        }
+    }
+
+    /// Cuts the engine's packets into RX buffers.
+    fn deliver_packets(
+        &mut self,
+        mem: &GuestMemory,
+        queue: &mut Queue,
+        used: &mut Vec<Used>,
+        progress: &mut Progress,
+    ) {
+        loop {
             let (packet, offset) = match self.current.take() {
                 Some(current) => current,
                 None => match self.outbound.pop() {
                     Some(packet) => (packet, 0),
-                    None => break,
+                    None => return,
                 },
             };
-            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+            let Some(buffer) = self.next_buffer(mem, queue, used, progress) else {
                 self.current = Some((packet, offset));
-                break;
-            };
-            progress.chains += 1;
-            let buffer = match RxBuffer::new(mem, chain) {
-                Ok(buffer) => buffer,
-                Err((head, _error)) => {
-                    self.stats.bad_rx_chains += 1;
-                    used.push(Used { head, len: 0 });
-                    self.current = Some((packet, offset));
-                    continue;
-                }
+                return;
             };
             match buffer.fill(mem, &packet.repr, &packet.payload, offset) {
                 Some(chunk) => {
@@ -325,17 +479,182 @@ impl Worker {
                 }
             }
         }
-        progress
     }
 
-    /// Whether packets wait for RX buffers.
+    /// Reads host sockets straight into RX buffers: each queued reader gets one packet's worth
+    /// (at most 64 KiB) per round, round after round while buffers and budget last.
+    fn place_host_data(
+        &mut self,
+        mem: &GuestMemory,
+        queue: &mut Queue,
+        used: &mut Vec<Used>,
+        progress: &mut Progress,
+    ) {
+        loop {
+            let mut placed_any = false;
+            for _ in 0..self.outbound.readers() {
+                let Some(reader) = self.outbound.pop_reader() else { return };
+                match self.place_one(&reader, mem, queue, used, progress) {
+                    Placed::Some => {
+                        placed_any = true;
+                        self.outbound.requeue_reader(reader);
+                    }
+                    Placed::Done => {}
+                    Placed::Later => self.outbound.requeue_reader(reader),
+                    Placed::NoBuffers => {
+                        self.outbound.unpop_reader(reader);
+                        return;
+                    }
+                }
+            }
+            if !placed_any {
+                return;
+            }
+        }
+    }
+
+    /// One `readv` of one reader's socket into as many RX buffers as one packet fills.
+    fn place_one(
+        &mut self,
+        reader: &Arc<HostReader>,
+        mem: &GuestMemory,
+        queue: &mut Queue,
+        used: &mut Vec<Used>,
+        progress: &mut Progress,
+    ) -> Placed {
+        if reader.is_closed() {
+            return Placed::Done;
+        }
+        // The connection's queued packets (a partly delivered one included) go first.
+        let conn = reader.conn;
+        let waiting = self.current.as_ref().is_some_and(|(p, _)| (p.repr.src, p.repr.dst) == conn);
+        if waiting || self.outbound.pending_for(conn) > 0 {
+            return Placed::Later;
+        }
+        let mut buffers: Vec<RxBuffer> = Vec::new();
+        let mut room = 0;
+        while room < MAX_PACKET_PAYLOAD as usize && buffers.len() < MAX_PLACE_BUFFERS {
+            let Some(buffer) = self.next_buffer(mem, queue, used, progress) else { break };
+            room += buffer.packet_room();
+            buffers.push(buffer);
+        }
+        if buffers.is_empty() {
+            return Placed::NoBuffers;
+        }
+        let room = room.min(MAX_PACKET_PAYLOAD as usize);
+        let (outbound, scratch) = (&self.outbound, &mut self.scratch);
+        let mut read = Read::Nothing;
+        reader.start_read();
+        let mut cx = Context::from_waker(&reader.requeue);
+        let sent = reader.stream.poll_send_in_place(&mut cx, room, |room| {
+            // Under the engine lock: nothing of this connection may have been queued since.
+            if outbound.pending_for(conn) > 0 {
+                read = Read::Later;
+                return Ok(0);
+            }
+            match crate::sys::readv_into(reader.unix.as_fd(), mem, &buffers, room, scratch) {
+                Ok(0) => {
+                    read = Read::Eof;
+                    Ok(0)
+                }
+                // Even a short read may leave an end of file behind whose epoll event came
+                // before this read: read again until EAGAIN.
+                Ok(n) => {
+                    read = Read::Data;
+                    Ok(n)
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    read = Read::Drained;
+                    Ok(0)
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => Ok(0),
+                Err(e) => Err(e),
+            }
+        });
+        let outcome = match sent {
+            // No credit: the engine wakes `requeue` when the guest gives some.
+            Poll::Pending => {
+                reader.idle();
+                Placed::Done
+            }
+            Poll::Ready(Ok(Some(header))) => {
+                if self.finish_placed(mem, &header, &mut buffers, used) {
+                    reader.set_failed();
+                    Placed::Done
+                } else if read == Read::Data {
+                    Placed::Some
+                } else {
+                    reader.idle();
+                    Placed::Done
+                }
+            }
+            Poll::Ready(Ok(None)) => match read {
+                Read::Eof => {
+                    reader.set_eof();
+                    Placed::Done
+                }
+                Read::Drained => {
+                    reader.idle();
+                    Placed::Done
+                }
+                // Queued packets first, or an interrupted read: next round.
+                Read::Later | Read::Nothing | Read::Data => Placed::Later,
+            },
+            // The host socket failed, or the connection is gone.
+            Poll::Ready(Err(_)) => {
+                reader.set_failed();
+                Placed::Done
+            }
+        };
+        // Buffers the read did not reach wait for the next packet.
+        self.spare.extend(buffers);
+        outcome
+    }
+
+    /// Writes the headers of bytes a `readv` put into `buffers` (one packet's worth, cut at
+    /// the buffers as [`RxBuffer::fill`] cuts a packet) and files them as used; the buffers
+    /// it did not reach stay in `buffers`. Returns whether a header could not be written,
+    /// which only a guest memory map that changed under the worker causes.
+    fn finish_placed(
+        &mut self,
+        mem: &GuestMemory,
+        header: &Repr,
+        buffers: &mut Vec<RxBuffer>,
+        used: &mut Vec<Used>,
+    ) -> bool {
+        let mut left = header.len as usize;
+        let mut filled = 0;
+        let mut failed = false;
+        for buffer in buffers.iter() {
+            if left == 0 {
+                break;
+            }
+            let len = left.min(buffer.packet_room());
+            match buffer.finish_in_place(mem, header, len) {
+                Some(entry) => used.push(entry),
+                None => {
+                    failed = true;
+                    self.stats.bad_rx_chains += 1;
+                    used.push(Used { head: buffer.head(), len: 0 });
+                }
+            }
+            left -= len;
+            filled += 1;
+        }
+        buffers.drain(..filled);
+        self.stats.rx_packets += 1;
+        failed
+    }
+
+    /// Whether packets or host data wait for RX buffers.
     pub(crate) fn rx_pending(&self) -> bool {
-        self.current.is_some() || self.outbound.len() > 0
+        self.current.is_some() || !self.outbound.is_idle()
     }
 
-    /// The guest is gone: drop what waited for it.
+    /// The guest is gone: drop what waited for it, and the RX buffers of its old ring.
     pub(crate) fn reset(&mut self) {
         self.current = None;
+        self.spare.clear();
         self.outbound.clear();
     }
 }

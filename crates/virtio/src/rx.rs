@@ -87,13 +87,31 @@ impl RxBuffer {
         Some(RxChunk { used, payload_len: chunk })
     }
 
-    /// The device's addresses of the payload area (after the header), for a `readv` straight
-    /// into the buffer: `(address, length)` pieces, each contiguous. Only for a system call.
-    pub fn payload_iovecs(&self, mem: &GuestMemory) -> Vec<(usize, usize)> {
-        let len = self.capacity - HEADER_LEN as u64;
-        chain::pieces(mem, &self.regions, HEADER_LEN as u64, len)
-            .filter_map(|(addr, len)| Some((mem.get_host_address(addr).ok()? as usize, len)))
-            .collect()
+    /// Payload bytes one packet in this buffer may carry: its room after the header, at most
+    /// one RW payload (64 KiB).
+    pub fn packet_room(&self) -> usize {
+        self.payload_capacity().min(MAX_PACKET_PAYLOAD as usize)
+    }
+
+    /// Appends the device's addresses of the first `len` bytes of the payload area (after the
+    /// header, at most [`RxBuffer::packet_room`]) to `out`, as `(address, length)` pieces, each
+    /// contiguous, for a `readv` straight into the buffer; returns the bytes described. Only
+    /// for a system call, while `mem` is held.
+    pub fn payload_iovecs(
+        &self,
+        mem: &GuestMemory,
+        len: usize,
+        out: &mut Vec<(usize, usize)>,
+    ) -> usize {
+        let len = len.min(self.packet_room());
+        let mut described = 0;
+        for (addr, piece) in chain::pieces(mem, &self.regions, HEADER_LEN as u64, len as u64) {
+            // Checked when the chain was walked; a map that lost the range stops here.
+            let Ok(host) = mem.get_host_address(addr) else { break };
+            out.push((host as usize, piece));
+            described += piece;
+        }
+        described
     }
 
     /// Writes a header for `len` payload bytes already placed in the payload area (by a `readv`

@@ -321,8 +321,12 @@ fn hostile_rx_chains_are_refused() {
 fn rx_in_place_payload_gets_its_header() {
     let mem = memory();
     let buffer = rx_chain(&mem, &cut(&[44, 2000, 2000], W)).expect("rx buffer");
-    let iovecs = buffer.payload_iovecs(&mem);
+    let mut iovecs = Vec::new();
+    assert_eq!(buffer.payload_iovecs(&mem, usize::MAX, &mut iovecs), 4000);
     assert_eq!(iovecs.iter().map(|v| v.1).sum::<usize>(), 4000);
+    iovecs.clear();
+    assert_eq!(buffer.payload_iovecs(&mem, 100, &mut iovecs), 100, "as much as asked");
+    assert_eq!(iovecs.iter().map(|v| v.1).sum::<usize>(), 100);
     mem.write_slice(b"inplace", GuestAddress(DATA + 44)).expect("payload");
     let used = buffer.finish_in_place(&mem, &repr(7), 7).expect("header");
     let (header, bytes) = read_rx(&mem, used);
@@ -350,4 +354,6 @@ fn rx_never_writes_an_rw_payload_over_64_kib() {
         used.is_none_or(|used| used.len as usize <= HEADER_LEN + 65_536),
         "finish_in_place announced an RW payload of 70000 bytes"
     );
+    let mut iovecs = Vec::new();
+    assert_eq!(buffer.payload_iovecs(&mem, usize::MAX, &mut iovecs), 65_536, "a readv's room");
 }

@@ -13,7 +13,7 @@ use zerovsock_proto::{
     AcceptError, Completion, Engine, Interest, Payload, Readiness, RecvError, RecvLease, RecvMeta,
     SendError, SendGrant, SendRequest, SocketId,
 };
-use zerovsock_wire::{Addr, ShutdownFlags, SocketType};
+use zerovsock_wire::{Addr, Repr, ShutdownFlags, SocketType, MAX_PACKET_PAYLOAD};
 
 use crate::core::{Shared, Waiter};
 use crate::error;
@@ -367,6 +367,43 @@ impl Inner {
             }
         });
         grant.map(|grant| self.finish_pass(grant?, source, 0))
+    }
+
+    /// Asynchronous in-place STREAM send ([`crate::VsockStream::poll_send_in_place`]): one
+    /// grant of at most one packet, `place` fills it under the engine lock, and the engine
+    /// returns the header instead of queueing a packet.
+    pub(crate) fn poll_send_placed(
+        &self,
+        cx: &mut Context<'_>,
+        max: usize,
+        place: impl FnOnce(usize) -> io::Result<usize>,
+    ) -> Poll<io::Result<Option<Repr>>> {
+        if self.socket_type != SocketType::Stream {
+            return Poll::Ready(Err(io::ErrorKind::InvalidInput.into()));
+        }
+        if max == 0 {
+            return Poll::Ready(Ok(None));
+        }
+        let Poll::Ready(_turn) = self.send_turn.poll_take(cx) else { return Poll::Pending };
+        let packet = MAX_PACKET_PAYLOAD as usize;
+        let request = SendRequest {
+            remaining: max.min(packet),
+            at_segment_start: true,
+            zerocopy: false,
+            eor: false,
+            max_pass: packet,
+        };
+        self.shared.poll_attempt(&self.waiter, cx, |engine, _| {
+            let Some(grant) = self.try_pass(engine, request)? else { return Ok(None) };
+            let placed = match place(grant.len()) {
+                Ok(placed) => placed.min(grant.len()),
+                Err(error) => {
+                    engine.abort_send(grant);
+                    return Err(error);
+                }
+            };
+            engine.finish_placed(grant, placed).map(Some).map_err(error::send)
+        })
     }
 
     /// Asynchronous receive: ready once a read would not block (for STREAM, once SO_RCVLOWAT

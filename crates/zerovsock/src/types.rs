@@ -449,6 +449,25 @@ impl VsockStream {
     ) -> Poll<io::Result<usize>> {
         self.inner.poll_recv_with(cx, max, consume)
     }
+
+    /// Writes in place, for a transport that owns the memory the peer reads from (a device
+    /// that `readv`s a host socket straight into guest RX buffers, with no copy in between):
+    /// once the peer has credit, `place(room)` writes up to `room` bytes of stream data there
+    /// (`room` is at most `max` and at most one 64 KiB packet) and returns how many it wrote.
+    /// The header of the RW packet that carries them comes back for the caller to put in
+    /// front of them; the caller delivers it before any packet its transport is given after
+    /// this returns, so the peer sees `fwd_cnt` in order. `place` runs under the stack's lock
+    /// (nothing is transmitted meanwhile) and must neither block nor call into the stack; an
+    /// error from it gives the credit back. `Ready(Ok(None))`: `place` wrote nothing.
+    /// STREAM only.
+    pub fn poll_send_in_place(
+        &self,
+        cx: &mut Context<'_>,
+        max: usize,
+        place: impl FnOnce(usize) -> io::Result<usize>,
+    ) -> Poll<io::Result<Option<crate::wire::Repr>>> {
+        self.inner.poll_send_placed(cx, max, place)
+    }
 }
 
 impl Read for &VsockStream {
