@@ -108,6 +108,7 @@ impl Device {
         let transport =
             DeviceTransport { guest_cid: Cid(config.guest_cid), outbound: outbound.clone() };
         let vsock = Vsock::with_transport(transport);
+        vsock.set_seqpacket(false); // until a driver acks it (`session`)
         let bridge = match &config.uds_path {
             Some(path) => Some(Arc::new(bridge::Bridge::start(
                 &vsock,
@@ -172,6 +173,9 @@ impl Device {
     /// guest are dropped and its connections end with ECONNRESET, as when a vhost-vsock
     /// device is released.
     fn session(&self, listener: &mut Listener) -> io::Result<()> {
+        // `seqpacket_allow` starts false (vhost_vsock_dev_open zeroes it) and only the
+        // driver's acked features turn it on (`Backend::acked_features`).
+        self.vsock.set_seqpacket(false);
         let returns_kick = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
         let returns = backend::returns_with(&returns_kick);
         let mut worker = Worker::new(
@@ -208,6 +212,7 @@ impl Device {
         backend.exit();
         backend.reset();
         self.vsock.reset_peer(Cid(self.config.guest_cid));
+        self.vsock.set_seqpacket(false);
         self.current.lock().unwrap_or_else(PoisonError::into_inner).take();
         self.ended.lock().unwrap_or_else(PoisonError::into_inner).add(&backend.stats());
         result
