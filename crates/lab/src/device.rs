@@ -120,7 +120,7 @@ pub fn run(guest: &Guest) -> Result<()> {
     Ok(())
 }
 
-fn accept_within(
+pub(crate) fn accept_within(
     listener: &UnixListener,
     patience: Duration,
 ) -> Result<(UnixStream, std::os::unix::net::SocketAddr)> {
@@ -182,7 +182,7 @@ fn host_to_guest(uds: &Path, port: u32, write: usize) -> Result<()> {
 }
 
 /// A `key=value` field of the guest's result line for `kind port=PORT`.
-fn field(output: &str, kind: &str, port: u32, key: &str) -> Option<String> {
+pub(crate) fn field(output: &str, kind: &str, port: u32, key: &str) -> Option<String> {
     let prefix = format!("{kind} port={port} ");
     let line =
         output.lines().find(|l| l.starts_with(&prefix) && l.contains(&format!(" {key}=")))?;

@@ -141,6 +141,29 @@ pub fn build_static_example(package: &str, example: &str) -> Result<PathBuf> {
         .with_context(|| format!("cargo built no executable for example {example}"))
 }
 
+/// Builds binary `bin` of `package` for this host (release, the workspace's own target
+/// directory) and returns its path.
+pub fn build_host_binary(package: &str, bin: &str) -> Result<PathBuf> {
+    let root = workspace_root()?;
+    let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .current_dir(&root)
+        .args(["build", "--release", "--locked", "-p", package, "--bin", bin])
+        .args(["--message-format", "json"])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("running cargo")?;
+    if !out.status.success() {
+        bail!("building {bin} of {package} failed");
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|message| message["reason"] == "compiler-artifact")
+        .filter(|message| message["target"]["name"] == bin)
+        .find_map(|message| message["executable"].as_str().map(PathBuf::from))
+        .with_context(|| format!("cargo built no executable {bin}"))
+}
+
 /// Runs `cargo ARGS` for the guest (static executables, in `target/guest`) and returns cargo's
 /// JSON messages.
 fn guest_build(args: &[&str]) -> Result<String> {

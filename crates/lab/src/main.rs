@@ -7,6 +7,8 @@
 //! * `selftest`: two guests at once, joined by a network link, exchange a line.
 //! * `device-tests`: a guest with `vhost-user-vsock-pci` against the project's device (see
 //!   `device.rs`).
+//! * `device-bench`: the same guest against the device and vhost-device-vsock, measured (see
+//!   `device_bench.rs`).
 
 #![forbid(unsafe_code)]
 
@@ -19,6 +21,7 @@ use clap::{Parser, Subcommand};
 use zerovsock_lab::{build_static_tests, Guest, Lab, NetLink};
 
 mod device;
+mod device_bench;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -55,6 +58,9 @@ enum Cmd {
     /// A guest with vhost-user-vsock-pci against the project's device: data both ways through
     /// the Unix endpoints and the socket API, MSG_ZEROCOPY from the guest, a refused connect.
     DeviceTests,
+    /// The device bench with a real guest: zerovsock's device and vhost-device-vsock (when
+    /// installed) side by side, both ways, at 4 KiB, 64 KiB and 1 MiB writes.
+    DeviceBench,
 }
 
 fn main() {
@@ -80,6 +86,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::GuestTests { package } => guest_tests(&package, &guest),
         Cmd::Selftest => selftest(&guest),
         Cmd::DeviceTests => device::run(&guest),
+        Cmd::DeviceBench => device_bench::run(&guest),
     }
 }
 

@@ -4,9 +4,15 @@
 //!
 //! * `send PORT TOTAL WRITE [zerocopy]`: connect to the host's PORT, write TOTAL bytes of
 //!   `pattern(TOTAL, PORT)` in WRITE-byte writes (MSG_ZEROCOPY sends with `zerocopy`), shut
-//!   down writing, read the host's reply to its end.
-//! * `recv PORT`: listen on PORT, take one connection, read it to its end, answer `ok`.
+//!   down writing, read the host's two-byte reply.
+//! * `recv PORT [TOTAL]`: listen on PORT, take one connection, read it to its end (or TOTAL
+//!   bytes: a backend that does not pass the host's half-close on can be measured too),
+//!   answer `ok`.
 //! * `refused PORT`: connect to a host port nobody listens on; the error must be ECONNRESET.
+//!
+//! `send` and `recv` also print `secs` (the transfer's wall time in the guest) and `cpu` (the
+//! share of the guest's CPU time that was busy meanwhile, from `/proc/stat`), for the device
+//! bench (`zerovsock-lab device-bench`).
 //!
 //! It refuses to run anywhere but a zerovsock lab guest.
 
@@ -34,7 +40,7 @@ fn main() {
             number(3),
             args.get(4).is_some_and(|a| a == "zerocopy"),
         ),
-        Some("recv") => recv(number(1) as u32),
+        Some("recv") => recv(number(1) as u32, args.get(2).map(|_| number(2))),
         Some("refused") => refused(number(1) as u32),
         _ => usage(),
     };
@@ -45,7 +51,9 @@ fn main() {
 }
 
 fn usage() -> ! {
-    eprintln!("usage: device_guest send PORT TOTAL WRITE [zerocopy] | recv PORT | refused PORT");
+    eprintln!(
+        "usage: device_guest send PORT TOTAL WRITE [zerocopy] | recv PORT [TOTAL] | refused PORT"
+    );
     std::process::exit(2);
 }
 
@@ -53,6 +61,7 @@ fn send(port: u32, total: usize, write: usize, zerocopy: bool) -> std::io::Resul
     let data = pattern(total, u64::from(port));
     let mut stream = connect_retrying(port)?;
     let started = Instant::now();
+    let cpu = CpuTime::now();
     if zerocopy {
         stream.set_zerocopy(true)?;
         for chunk in data.chunks(write) {
@@ -67,14 +76,15 @@ fn send(port: u32, total: usize, write: usize, zerocopy: bool) -> std::io::Resul
         }
     }
     stream.shutdown(std::net::Shutdown::Write)?;
-    let mut reply = Vec::new();
-    stream.read_to_end(&mut reply)?;
+    let mut reply = [0u8; 2];
+    stream.read_exact(&mut reply)?;
     let elapsed = started.elapsed();
     let mut line = format!(
-        "send port={port} bytes={total} write={write} hash={:016x} reply={} secs={:.3}",
+        "send port={port} bytes={total} write={write} hash={:016x} reply={} secs={:.3} cpu={:.2}",
         djb2(&data),
         String::from_utf8_lossy(&reply),
-        elapsed.as_secs_f64()
+        elapsed.as_secs_f64(),
+        cpu.busy_share()
     );
     if zerocopy {
         // Every pass's completion must arrive: the device has copied every byte by now.
@@ -112,15 +122,58 @@ fn connect_retrying(port: u32) -> std::io::Result<VsockStream> {
     }
 }
 
-fn recv(port: u32) -> std::io::Result<()> {
+fn recv(port: u32, total: Option<usize>) -> std::io::Result<()> {
     let listener = VsockListener::bind(Addr::new(Cid::ANY, Port(port)))?;
     println!("recv port={port} listening");
     let (mut stream, peer) = listener.accept()?;
+    let started = Instant::now();
+    let cpu = CpuTime::now();
     let mut got = Vec::new();
-    stream.read_to_end(&mut got)?;
+    match total {
+        Some(total) => {
+            got.resize(total, 0);
+            stream.read_exact(&mut got)?;
+        }
+        None => {
+            stream.read_to_end(&mut got)?;
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let busy = cpu.busy_share();
     stream.write_all(b"ok")?;
-    println!("recv port={port} from={} bytes={} hash={:016x}", peer.cid.0, got.len(), djb2(&got));
+    println!(
+        "recv port={port} from={} bytes={} hash={:016x} secs={secs:.3} cpu={busy:.2}",
+        peer.cid.0,
+        got.len(),
+        djb2(&got)
+    );
     Ok(())
+}
+
+/// The guest's CPU time so far, busy and in all (`/proc/stat`'s `cpu` line, in jiffies).
+struct CpuTime {
+    busy: u64,
+    total: u64,
+}
+
+impl CpuTime {
+    fn now() -> CpuTime {
+        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        let line = stat.lines().next().unwrap_or_default();
+        // user nice system idle iowait irq softirq steal
+        let ticks: Vec<u64> =
+            line.split_whitespace().skip(1).take(8).filter_map(|t| t.parse().ok()).collect();
+        let total: u64 = ticks.iter().sum();
+        let idle = ticks.get(3).copied().unwrap_or(0) + ticks.get(4).copied().unwrap_or(0);
+        CpuTime { busy: total - idle, total }
+    }
+
+    /// The busy share of the CPU time since `self`.
+    fn busy_share(&self) -> f64 {
+        let now = CpuTime::now();
+        let total = now.total.saturating_sub(self.total);
+        now.busy.saturating_sub(self.busy) as f64 / total.max(1) as f64
+    }
 }
 
 fn refused(port: u32) -> std::io::Result<()> {
