@@ -507,3 +507,155 @@ fn placed_host_data_never_overtakes_the_connections_queued_packets() {
     assert!(fwd.is_sorted(), "fwd_cnt went backwards in delivery order: {fwd:?} ({ops:?})");
     assert_eq!(packets.last().map(|p| p.1.as_slice()), Some(&[9u8; 1000][..]));
 }
+
+// ---- Review of the in-place host-to-guest path (direct.rs, Worker::place_*) ----
+
+/// A connection from guest port 1000 to host port 5000 whose guest buffer is `buf_alloc`, its
+/// host end read by a `HostReader` over a Unix socket pair (the other end is the "host
+/// program"). The RESPONSE is still queued for the guest.
+fn placed_connection(
+    h: &mut Harness,
+    buf_alloc: u32,
+) -> (Arc<crate::direct::HostReader>, std::os::unix::net::UnixStream, VsockListener) {
+    let listener =
+        VsockListener::bind(&h.vsock, Addr::new(Cid::ANY, Port(5000))).expect("listener");
+    h.offer_packet(Repr { buf_alloc, ..from_guest(Op::Request, 1000, 5000) }, &[]);
+    h.run_tx();
+    let (server, _) = listener.accept().expect("accept");
+    let (host_end, program) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+    host_end.set_nonblocking(true).expect("nonblocking");
+    let conn = (Addr::new(Cid::HOST, Port(5000)), Addr::new(GUEST, Port(1000)));
+    let reader = crate::direct::HostReader::new(
+        Arc::new(host_end),
+        Arc::new(server),
+        conn,
+        &h.worker.outbound,
+        std::task::Waker::noop().clone(),
+    );
+    (reader, program, listener)
+}
+
+/// RX chains of the given sizes (header included), one descriptor each, buffer `i` at
+/// `RX_BUFFERS + i * 4096` (so `rx_packets(.., 4096)` reads them back).
+fn rx_ring_of<'a>(mem: &'a GuestMemory, sizes: &[u32]) -> (MockSplitQueue<'a, GuestMemory>, Queue) {
+    let rx_mock = MockSplitQueue::create(mem, GuestAddress(0x40_0000), 256);
+    let rx: Queue = rx_mock.create_queue().expect("rx queue");
+    let descs: Vec<RawDescriptor> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &size)| {
+            assert!(size <= 4096);
+            let addr = RX_BUFFERS + i as u64 * 4096;
+            RawDescriptor::from(Descriptor::new(addr, size, VRING_DESC_F_WRITE as u16, 0))
+        })
+        .collect();
+    rx_mock.add_desc_chains(&descs, 0).expect("rx chains");
+    (rx_mock, rx)
+}
+
+/// A guest may post RX buffers with room for a header and nothing else (44 bytes is a legal
+/// chain: `vhost_transport_do_send_pkt` only refuses `iov_len < sizeof(hdr)`). Linux writes
+/// such a buffer a header with `len` 0 and moves on to the next buffer, so the data flows as
+/// soon as the guest posts real buffers. Here `place_one` takes up to `MAX_PLACE_BUFFERS` (32)
+/// buffers, finds 0 bytes of room, calls `poll_send_in_place(.., 0, ..)` (which returns
+/// `Ready(Ok(None))` at once) and answers `Placed::Later`; the 32 useless buffers go to
+/// `spare`, which `next_buffer` hands out first, so every later round takes the same 32 and
+/// nothing else: the host data never reaches the guest, whatever buffers it posts after, and
+/// the 32 chains are never returned.
+#[test]
+fn header_only_rx_buffers_do_not_wedge_host_data_forever() {
+    use std::io::Write;
+    let mut h = Harness::new(64);
+    let mem = h.mem.clone();
+    let (reader, mut program, _listener) = placed_connection(&mut h, 256 * 1024);
+    // The RESPONSE's buffer, 32 header-only buffers, then 8 ordinary ones.
+    let mut sizes = vec![HEADER_LEN as u32; 1 + 32];
+    sizes.extend([4096u32; 8]);
+    let (_rx_mock, mut rx) = rx_ring_of(&mem, &sizes);
+    let mut used = Vec::new();
+    h.worker.process_rx(&mem, &mut rx, &mut used); // the RESPONSE
+    program.write_all(&[7u8; 1000]).expect("program write");
+    reader.request();
+    for _ in 0..16 {
+        h.worker.process_rx(&mem, &mut rx, &mut used);
+    }
+    let placed: usize = rx_packets(&mem, &used, 4096)
+        .iter()
+        .filter(|(r, _)| r.op == Op::Rw)
+        .map(|(_, payload)| payload.len())
+        .sum();
+    assert_eq!(
+        placed,
+        1000,
+        "{placed} of 1000 host bytes reached the guest with 8 good RX buffers posted behind 32 \
+         header-only ones ({} chains used of {})",
+        used.len(),
+        sizes.len()
+    );
+}
+
+/// The host program writes exactly the guest's credit and closes its socket. Linux sends
+/// SHUTDOWN (and, after `VSOCK_CLOSE_TIMEOUT`, RST) whatever the credit: control packets
+/// need none (`virtio_transport_close`). Here the end of file is only found by a `readv`, and
+/// `place_one` only reads inside `poll_send_in_place`, which is `Pending` while the guest has
+/// no credit: the reader goes idle with the end of file in its socket, the pipe never learns
+/// of it, the guest is never told, and a guest that does not read (or never returns credit)
+/// keeps the `VsockStream`, the pipe task and the Unix socket alive forever.
+#[test]
+fn host_close_is_seen_when_the_guest_has_no_credit_left() {
+    use std::io::Write;
+    let mut h = Harness::new(64);
+    let mem = h.mem.clone();
+    let (reader, mut program, _listener) = placed_connection(&mut h, 1000);
+    let (_rx_mock, mut rx) = rx_ring(&mem, 64, 4096);
+    let mut used = Vec::new();
+    program.write_all(&[3u8; 1000]).expect("program write");
+    drop(program);
+    reader.request();
+    for _ in 0..8 {
+        h.worker.process_rx(&mem, &mut rx, &mut used);
+    }
+    let placed: usize = rx_packets(&mem, &used, 4096)
+        .iter()
+        .filter(|(r, _)| r.op == Op::Rw)
+        .map(|(_, payload)| payload.len())
+        .sum();
+    assert_eq!(placed, 1000, "the guest's whole credit");
+    assert!(
+        reader.at_eof() || reader.failed(),
+        "the host program closed its socket, every byte before the end of file is in guest \
+         buffers, and the device has not noticed (reader neither at EOF nor failed)"
+    );
+}
+
+/// The connection's RESPONSE is queued when the host socket already has data (a server that
+/// speaks first, e.g. an SSH banner, on a guest connect through `<uds>_<port>`). The first
+/// `process_rx` of a session places host data first: `place_one` sees the queued RESPONSE and
+/// answers `Placed::Later`, `deliver_packets` then sends the RESPONSE, and the pass ends with
+/// `more == false` and no kick, though RX buffers and host data are both there. Without
+/// EVENT_IDX `Backend::run` does one pass per event, and nothing else comes: the epoll event
+/// for the data was spent (the reader is still "queued", so `request` pushes nothing and
+/// `push_reader` kicks only an idle queue), and a Linux driver kicks RX only after it used
+/// half its buffers (`virtio_transport_rx_work` -> `virtio_vsock_rx_fill`). Linux's
+/// `vhost_transport_do_send_pkt` loops until the queue is empty or the buffers run out.
+#[test]
+fn host_data_behind_the_connections_queued_packet_is_not_left_without_a_wakeup() {
+    use std::io::Write;
+    let mut h = Harness::new(64);
+    let mem = h.mem.clone();
+    let (reader, mut program, _listener) = placed_connection(&mut h, 256 * 1024);
+    program.write_all(b"SSH-2.0-banner\r\n").expect("program write");
+    reader.request();
+    let _ = h.worker.outbound.kick.read(); // the RESPONSE's kick, taken by the vring worker
+    let (_rx_mock, mut rx) = rx_ring(&mem, 64, 4096);
+    let mut used = Vec::new();
+    let progress = h.worker.process_rx(&mem, &mut rx, &mut used);
+    let packets = rx_packets(&mem, &used, 4096);
+    let ops: Vec<Op> = packets.iter().map(|(r, _)| r.op).collect();
+    let kicked = h.worker.outbound.kick.read().is_ok();
+    assert!(
+        ops.contains(&Op::Rw) || progress.more || kicked,
+        "one RX pass delivered {ops:?} and left the host data in its socket with RX buffers \
+         free, yet asked for no other pass ({progress:?}, kick: {kicked})"
+    );
+}

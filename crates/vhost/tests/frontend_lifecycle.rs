@@ -135,3 +135,50 @@ fn a_frontend_waiting_for_the_device_is_served_after_the_current_one_leaves() {
     let result = second.join().expect("second frontend thread");
     assert!(result.is_ok(), "the frontend that waited was not served: {result:?}");
 }
+
+/// The usual request/reply pattern: the guest sends its request and half-closes
+/// (`shutdown(SHUT_WR)`), the host program reads to end of file and works on its reply, and
+/// the VMM goes away meanwhile. Linux resets the host's socket at once
+/// (`vhost_vsock_reset_orphans`). Here the device's end of the Unix socket is never closed: the
+/// pipe stopped polling the guest stream at the guest's end of file, so the reset does not
+/// wake it; it waits for the vring worker to find an error on the host socket, but the reader
+/// the host program's reply queues is only ever run by a vring worker with RX buffers, and
+/// there is none (`Worker::reset` dropped the queued readers with their `queued` flag still
+/// set, so one queued then is never queued again, even for the next VM). The host program's
+/// writes succeed forever and the connection, its pipe and its Unix socket are never freed.
+#[test]
+fn unix_endpoint_is_closed_when_the_frontend_disconnects_after_the_guest_half_closed() {
+    use std::io::Write;
+    let (dir, _device, mut guest) = setup();
+    let listener = UnixListener::bind(dir.join("vm.vsock_5000")).expect("host listener");
+    let mut guest_stream = VsockStream::connect(guest.vsock(), Addr::new(Cid::HOST, Port(5000)))
+        .expect("guest connect");
+    let (mut host, _) = listener.accept().expect("host accept");
+    guest_stream.write_all(b"request").expect("guest write");
+    guest_stream.shutdown(std::net::Shutdown::Write).expect("guest shutdown");
+    host.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    let mut request = Vec::new();
+    host.read_to_end(&mut request).expect("host read to the guest's SHUT_WR");
+    assert_eq!(request, b"request");
+    // The VMM exits while the host program works on its reply.
+    guest.shutdown().expect("guest driver");
+    thread::sleep(Duration::from_millis(200));
+    let started = Instant::now();
+    let outcome = loop {
+        match host.write(b"reply") {
+            Ok(_) if started.elapsed() < Duration::from_secs(5) => {
+                thread::sleep(Duration::from_millis(50));
+            }
+            other => break other,
+        }
+    };
+    assert!(
+        outcome
+            .as_ref()
+            .is_err_and(|e| matches!(e.raw_os_error(), Some(libc::EPIPE) | Some(libc::ECONNRESET))),
+        "the host program's writes after the guest's VMM went away: still {outcome:?} after {:?} \
+         (the device never closed its end of the Unix socket)",
+        started.elapsed()
+    );
+    drop(guest_stream);
+}

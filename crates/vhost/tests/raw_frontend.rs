@@ -44,6 +44,8 @@ struct Driver {
     tx_avail: u16,
     _fds: Vec<EventFd>,
     tx_kick: Option<EventFd>,
+    rx_kick: Option<EventFd>,
+    rx_avail: u16,
 }
 
 impl Driver {
@@ -89,8 +91,16 @@ impl Driver {
         let info = VhostUserMemoryRegionInfo::from_guest_region(region).expect("region info");
         frontend.set_mem_table(&[info]).expect("mem table");
         let host = info.userspace_addr;
-        let mut driver =
-            Driver { frontend, mem, host, tx_avail: 0, _fds: Vec::new(), tx_kick: None };
+        let mut driver = Driver {
+            frontend,
+            mem,
+            host,
+            tx_avail: 0,
+            _fds: Vec::new(),
+            tx_kick: None,
+            rx_kick: None,
+            rx_avail: 0,
+        };
         driver.start_rings();
         driver
     }
@@ -99,6 +109,7 @@ impl Driver {
     fn start_rings(&mut self) {
         self.mem.write_slice(&vec![0u8; 0xC000], GuestAddress(0)).expect("zero rings");
         self.tx_avail = 0;
+        self.rx_avail = 0;
         for (queue, &base) in RINGS.iter().enumerate() {
             self.frontend.set_vring_num(queue, QUEUE).expect("num");
             let config = VringConfigData {
@@ -122,7 +133,7 @@ impl Driver {
                 if queue == 1 {
                     self.tx_kick = Some(kick);
                 } else {
-                    self._fds.push(kick);
+                    self.rx_kick = Some(kick);
                 }
             }
         }
@@ -261,5 +272,86 @@ fn guest_seqpacket_request_is_refused_when_the_guest_did_not_ack_seqpacket() {
         accepted.is_err(),
         "a SEQPACKET connection from a guest that did not negotiate SEQPACKET was accepted: {:?}",
         accepted.map(|(_, peer)| peer)
+    );
+}
+
+const RX_BUFFERS: u64 = 0xA0_0000;
+const RX_SIZE: u32 = 4096;
+
+impl Driver {
+    /// Makes `count` RX buffers of `RX_SIZE` available (one descriptor each, head = slot).
+    fn post_rx(&mut self, count: u16) {
+        let table = GuestAddress(RINGS[0]);
+        let avail = GuestAddress(RINGS[0] + 0x1000);
+        for _ in 0..count {
+            let head = self.rx_avail % QUEUE;
+            let buffer = RX_BUFFERS + u64::from(head) * u64::from(RX_SIZE);
+            let desc = Descriptor::new(
+                buffer,
+                RX_SIZE,
+                virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE as u16,
+                0,
+            );
+            self.mem.write_obj(desc, table.unchecked_add(16 * u64::from(head))).expect("desc");
+            let slot = u64::from(self.rx_avail % QUEUE);
+            self.mem.write_obj(head, avail.unchecked_add(4 + 2 * slot)).expect("avail entry");
+            self.rx_avail = self.rx_avail.wrapping_add(1);
+        }
+        self.mem.store(self.rx_avail, avail.unchecked_add(2), Ordering::Release).expect("idx");
+        self.rx_kick.as_ref().expect("kick").write(1).expect("kick");
+    }
+
+    /// The RX used ring: (idx, the ids of its first two entries).
+    fn rx_used(&self) -> (u16, [u32; 2]) {
+        let used = GuestAddress(RINGS[0] + 0x2000);
+        let idx: u16 = self.mem.load(used.unchecked_add(2), Ordering::Acquire).expect("used idx");
+        let id =
+            |slot: u64| -> u32 { self.mem.read_obj(used.unchecked_add(4 + 8 * slot)).expect("id") };
+        (idx, [id(0), id(1)])
+    }
+}
+
+/// RX buffers held across a vring stop. `place_one` takes buffers for up to 64 KiB of room
+/// and keeps those a short `readv` did not reach in `Worker::spare`, handed out before any
+/// chain of the ring. `Backend::stop_vring` (GET_VRING_BASE) only detaches TX; the spare RX
+/// buffers survive the ring's reset, and the next host data is written into guest memory the
+/// new driver never offered (it may be anything by then) and its head put on the new used
+/// ring. Linux's `vhost_transport_do_send_pkt` holds no descriptor past one packet: what it
+/// cannot fill it gives back with `vhost_discard_vq_desc`, so a stopped ring owes nothing.
+#[test]
+fn rx_buffers_taken_before_a_ring_reset_are_not_used_after_it() {
+    use std::io::Write;
+    let dir = common::fresh_dir("rx-reset");
+    let (_device, socket, _) = common::serve_device(&dir, true);
+    let host_listener =
+        std::os::unix::net::UnixListener::bind(dir.join("vm.vsock_5000")).expect("listener");
+    let mut driver = Driver::connect(&socket);
+    driver.post_rx(4);
+
+    // A guest connect through the Unix endpoint: RESPONSE in RX buffer 0.
+    driver.send(from_guest(Op::Request), &[]);
+    let (mut host, _) = host_listener.accept().expect("host accept");
+    wait_for("the RESPONSE", || driver.rx_used().0 == 1);
+    // 100 bytes from the host program: read into buffer 1, buffers 2 and 3 taken too.
+    host.write_all(&[0x42; 100]).expect("host write");
+    thread::sleep(Duration::from_millis(100));
+    // A guest packet, so the worker makes another RX pass whatever it waits for.
+    let mut credit = from_guest(Op::CreditUpdate);
+    credit.fwd_cnt = 0;
+    driver.send(credit, &[]);
+    wait_for("the host data", || driver.rx_used().0 == 2);
+
+    // The guest resets: the VMM stops the rings and sets them up again from index 0, with no
+    // RX buffer offered yet.
+    driver.stop_rings();
+    driver.start_rings();
+    assert_eq!(driver.rx_used().0, 0);
+    host.write_all(&[0x43; 100]).expect("host write");
+    thread::sleep(Duration::from_millis(500));
+    let (idx, ids) = driver.rx_used();
+    assert_eq!(
+        idx, 0,
+        "the new driver made no RX buffer available, yet its RX used ring's idx is {idx} (ids \
+         in the first slots: {ids:?}: buffers of the ring before the reset)"
     );
 }
