@@ -214,6 +214,9 @@ impl VhostUserBackend for Backend {
         if queue_index == u32::from(TX_QUEUE) {
             self.lock().worker.returns.detach_all();
         }
+        if queue_index == u32::from(RX_QUEUE) {
+            self.lock().worker.drop_rx_buffers();
+        }
         Ok(())
     }
 

@@ -110,6 +110,14 @@ impl Bridge {
         Ok(Bridge { stop, ready, executor, thread: Some(thread) })
     }
 
+    /// The guest went away: every connection to it ends now, its Unix socket closed (as
+    /// `vhost_vsock_reset_orphans` resets the host's sockets), whatever it was waiting for.
+    /// Host programs still sending their `CONNECT` line stay, for the next guest.
+    pub(crate) fn reset(&self) {
+        let mut exec = self.executor.lock().unwrap_or_else(PoisonError::into_inner);
+        exec.tasks.retain(|_, (task, _)| matches!(task, Task::Accept(_) | Task::Handshake { .. }));
+    }
+
     /// Runs the tasks woken so far on the calling thread, if the bridge thread is not running
     /// them already. The vring worker calls this right after handing the guest's packets to
     /// the engine ([`helping`]), so data the guest sent reaches its Unix socket without a hop

@@ -110,6 +110,11 @@ impl HostReader {
         }
     }
 
+    /// Taken off the queue without a read (the guest went away): a later request queues it.
+    pub(crate) fn unqueued(&self) {
+        self.queued.store(false, Ordering::SeqCst);
+    }
+
     /// The host socket reached end of file: every byte before it is in guest buffers.
     pub(crate) fn set_eof(&self) {
         self.finish(EOF);

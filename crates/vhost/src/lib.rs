@@ -212,6 +212,9 @@ impl Device {
         backend.exit();
         backend.reset();
         self.vsock.reset_peer(Cid(self.config.guest_cid));
+        if let Some(bridge) = &self.bridge {
+            bridge.reset();
+        }
         self.vsock.set_seqpacket(false);
         self.current.lock().unwrap_or_else(PoisonError::into_inner).take();
         self.ended.lock().unwrap_or_else(PoisonError::into_inner).add(&backend.stats());

@@ -1,6 +1,7 @@
 //! The two system calls the safe crates do not offer, because their memory is guest memory
 //! (which Rust code never borrows, so `IoSlice` cannot describe it): `writev` from a payload
-//! whose segments may live in a guest, and `readv` into guest RX buffers.
+//! whose segments may live in a guest, and `readv` into guest RX buffers. And a peek for end
+//! of file.
 
 #![allow(unsafe_code)]
 
@@ -80,4 +81,17 @@ pub(crate) fn readv_into(
         return Err(io::Error::last_os_error());
     }
     Ok(read as usize)
+}
+
+/// Whether a non-blocking stream socket is at end of file with no data before it (a one-byte
+/// `MSG_PEEK`: 0 is end of file, EAGAIN or a byte is not).
+pub(crate) fn peek_eof(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    let mut byte = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+    match socket2::SockRef::from(&fd).peek(&mut byte) {
+        Ok(n) => Ok(n == 0),
+        Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => {
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
 }

@@ -381,9 +381,11 @@ fn rx_ring(mem: &GuestMemory, count: u16, size: u32) -> (MockSplitQueue<'_, Gues
 
 const RX_BUFFERS: u64 = 0x50_0000;
 
-/// Headers and payload bytes of the used RX chains, in used-ring order.
+/// Headers and payload bytes of the used RX chains, in used-ring order (chains returned
+/// empty carry nothing).
 fn rx_packets(mem: &GuestMemory, used: &[Used], size: u32) -> Vec<(Repr, Vec<u8>)> {
     used.iter()
+        .filter(|entry| entry.len > 0)
         .map(|entry| {
             let at = RX_BUFFERS + u64::from(entry.head) * u64::from(size);
             let mut bytes = vec![0u8; entry.len as usize];

@@ -176,6 +176,9 @@ impl Outbound {
     /// completions.
     pub(crate) fn clear(&self) {
         let dropped = std::mem::take(&mut *self.lock());
+        for reader in &dropped.readers {
+            reader.unqueued();
+        }
         drop(dropped);
     }
 }
@@ -229,7 +232,8 @@ pub(crate) struct Progress {
 pub struct DeviceStats {
     /// TX chains that failed the checks (returned with length 0).
     pub bad_tx_chains: u64,
-    /// RX chains that failed the checks (returned with length 0).
+    /// RX chains that failed the checks, or had room for a header only when host data was
+    /// due (returned with length 0).
     pub bad_rx_chains: u64,
     /// TX packets dropped for a `src_cid` other than the guest's or a `dst_cid` other than
     /// the host's (spoofing; vhost drops them the same way).
@@ -405,9 +409,10 @@ impl Worker {
             self.place_host_data(mem, queue, used, &mut progress);
         }
         self.deliver_packets(mem, queue, used, &mut progress);
-        if !self.place_first {
-            self.place_host_data(mem, queue, used, &mut progress);
-        }
+        // Always a placing round after the packets: a reader that had to wait behind its
+        // connection's queued packets goes now, as `vhost_transport_do_send_pkt` loops until
+        // the queue is empty or the buffers run out.
+        self.place_host_data(mem, queue, used, &mut progress);
         progress
     }
 
@@ -535,6 +540,13 @@ impl Worker {
         let mut room = 0;
         while room < MAX_PACKET_PAYLOAD as usize && buffers.len() < MAX_PLACE_BUFFERS {
             let Some(buffer) = self.next_buffer(mem, queue, used, progress) else { break };
+            if buffer.packet_room() == 0 {
+                // Room for a header only: no data fits, and kept aside it would be taken
+                // again every round. It goes back empty.
+                self.stats.bad_rx_chains += 1;
+                used.push(Used { head: buffer.head(), len: 0 });
+                continue;
+            }
             room += buffer.packet_room();
             buffers.push(buffer);
         }
@@ -572,9 +584,14 @@ impl Worker {
             }
         });
         let outcome = match sent {
-            // No credit: the engine wakes `requeue` when the guest gives some.
+            // No credit: the engine wakes `requeue` when the guest gives some. An end of file
+            // with nothing before it needs none (SHUTDOWN is a control packet): look for it.
             Poll::Pending => {
-                reader.idle();
+                match crate::sys::peek_eof(reader.unix.as_fd()) {
+                    Ok(true) => reader.set_eof(),
+                    Ok(false) => reader.idle(),
+                    Err(_) => reader.set_failed(),
+                }
                 Placed::Done
             }
             Poll::Ready(Ok(Some(header))) => {
@@ -654,7 +671,13 @@ impl Worker {
     /// The guest is gone: drop what waited for it, and the RX buffers of its old ring.
     pub(crate) fn reset(&mut self) {
         self.current = None;
-        self.spare.clear();
+        self.drop_rx_buffers();
         self.outbound.clear();
+    }
+
+    /// The RX ring was taken back (GET_VRING_BASE): buffers taken from it are not ours to
+    /// fill or return any more; their heads may mean other buffers in the next ring.
+    pub(crate) fn drop_rx_buffers(&mut self) {
+        self.spare.clear();
     }
 }
