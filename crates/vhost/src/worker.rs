@@ -106,7 +106,9 @@ impl Outbound {
             queue.packets.push_back(packet);
             was_idle
         };
-        if was_idle {
+        // On the vring worker itself (answers to the guest's packets, credit updates after
+        // the bridge's writes), RX work follows anyway.
+        if was_idle && !crate::bridge::is_helping() {
             let _ = self.kick.write(1);
         }
     }
