@@ -19,6 +19,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use zerovsock_testkit::measure::cpu_time;
 use zerovsock_testkit::suite::{djb2, pattern};
 
 use crate::device::{accept_within, field};
@@ -108,15 +109,6 @@ fn peer() -> Result<Option<PathBuf>> {
     }
     let installed = workspace_root()?.join("target/peers/bin/vhost-device-vsock");
     Ok(installed.exists().then_some(installed))
-}
-
-/// User plus system CPU time of a process so far (`/proc/PID/stat`, USER_HZ = 100).
-fn cpu_time(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> =
-        stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("").split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    Duration::from_millis((ticks(11) + ticks(12)) * 10)
 }
 
 fn spawn(backend: &Backend, socket: &Path, uds: &Path) -> Result<Child> {

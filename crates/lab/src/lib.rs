@@ -132,13 +132,18 @@ pub fn build_static_example(package: &str, example: &str) -> Result<PathBuf> {
     let messages =
         guest_build(&["build", "--release", "--locked", "-p", package, "--example", example])
             .with_context(|| format!("building example {example} of {package}"))?;
+    executable(&messages, example)
+}
+
+/// The executable of target `name` among cargo's JSON messages.
+fn executable(messages: &str, name: &str) -> Result<PathBuf> {
     messages
         .lines()
         .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
         .filter(|message| message["reason"] == "compiler-artifact")
-        .filter(|message| message["target"]["name"] == example)
+        .filter(|message| message["target"]["name"] == name)
         .find_map(|message| message["executable"].as_str().map(PathBuf::from))
-        .with_context(|| format!("cargo built no executable for example {example}"))
+        .with_context(|| format!("cargo built no executable {name}"))
 }
 
 /// Builds binary `bin` of `package` for this host (release, the workspace's own target
@@ -155,13 +160,7 @@ pub fn build_host_binary(package: &str, bin: &str) -> Result<PathBuf> {
     if !out.status.success() {
         bail!("building {bin} of {package} failed");
     }
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-        .filter(|message| message["reason"] == "compiler-artifact")
-        .filter(|message| message["target"]["name"] == bin)
-        .find_map(|message| message["executable"].as_str().map(PathBuf::from))
-        .with_context(|| format!("cargo built no executable {bin}"))
+    executable(&String::from_utf8_lossy(&out.stdout), bin)
 }
 
 /// Runs `cargo ARGS` for the guest (static executables, in `target/guest`) and returns cargo's

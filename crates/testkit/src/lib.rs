@@ -31,6 +31,7 @@
 #[cfg(feature = "guest-driver")]
 pub mod guest;
 pub mod hostile;
+pub mod measure;
 pub mod suite;
 
 use std::collections::{HashMap, HashSet, VecDeque};

@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use zerovsock::wire::{Addr, Cid, Port};
 use zerovsock::{VsockListener, VsockStream};
 use zerovsock_testkit::guest::{GuestDriver, TxLayout};
+use zerovsock_testkit::measure::cpu_time;
 use zerovsock_vhost::{Device, DeviceConfig};
 
 const SERVE_ENV: &str = "ZEROVSOCK_BENCH_SERVE";
@@ -95,16 +96,6 @@ fn serve() -> ! {
     std::process::exit(1);
 }
 
-/// User plus system CPU time of a process so far (`/proc/PID/stat`, in USER_HZ = 100 ticks).
-fn cpu_time(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> =
-        stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("").split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    // After the command name: state is field 0, utime 11, stime 12.
-    Duration::from_millis((ticks(11) + ticks(12)) * 10)
-}
-
 struct Cell {
     gbit: f64,
     cpu_per_gib: f64,
@@ -142,6 +133,10 @@ fn run_once(
         guest
     });
     let Ok(elapsed) = done_rx.recv_timeout(STALL) else {
+        eprintln!(
+            "device bench: {} {direction:?} {write}: run {run} failed or stalled",
+            backend.name()
+        );
         let _ = child.kill();
         let _ = child.wait();
         drop(transfer); // its threads wait on a dead backend; leave them

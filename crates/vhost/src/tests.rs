@@ -406,21 +406,8 @@ fn host_socket_data_is_read_straight_into_rx_buffers_within_the_guests_credit() 
     use std::io::Write;
     let mut h = Harness::new(64);
     let mem = h.mem.clone();
-    let listener =
-        VsockListener::bind(&h.vsock, Addr::new(Cid::ANY, Port(5000))).expect("listener");
-    h.offer_packet(Repr { buf_alloc: 20_000, ..from_guest(Op::Request, 1000, 5000) }, &[]);
-    h.run_tx();
-    let (server, _) = listener.accept().expect("accept");
-    let (host_end, mut program) = std::os::unix::net::UnixStream::pair().expect("socketpair");
-    host_end.set_nonblocking(true).expect("nonblocking");
-    let conn = (Addr::new(Cid::HOST, Port(5000)), Addr::new(GUEST, Port(1000)));
-    let reader = crate::direct::HostReader::new(
-        Arc::new(host_end),
-        Arc::new(server),
-        conn,
-        &h.worker.outbound,
-        std::task::Waker::noop().clone(),
-    );
+    let (reader, mut program, _listener) = placed_connection(&mut h, 20_000);
+    let conn = reader.conn;
     let data: Vec<u8> = (0..30_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
     program.write_all(&data).expect("program write");
     program.shutdown(std::net::Shutdown::Write).expect("program shutdown");
@@ -469,30 +456,17 @@ fn placed_host_data_never_overtakes_the_connections_queued_packets() {
     use std::io::{Read, Write};
     let mut h = Harness::new(64);
     let mem = h.mem.clone();
-    let listener =
-        VsockListener::bind(&h.vsock, Addr::new(Cid::ANY, Port(5000))).expect("listener");
-    h.offer_packet(from_guest(Op::Request, 1000, 5000), &[]);
-    h.run_tx();
-    let (server, _) = listener.accept().expect("accept");
+    let (reader, mut program, _listener) = placed_connection(&mut h, 256 * 1024);
+    let server = &*reader.stream;
     let mut got = [0u8; 150];
     // fwd_cnt 100, announced by CREDIT_UPDATEs that wait for RX buffers; then 150.
     h.offer_packet(from_guest(Op::Rw, 1000, 5000), &[1; 100]);
     h.run_tx();
-    (&server).read_exact(&mut got[..100]).expect("host read");
+    (&*server).read_exact(&mut got[..100]).expect("host read");
     h.offer_packet(from_guest(Op::CreditRequest, 1000, 5000), &[]);
     h.offer_packet(from_guest(Op::Rw, 1000, 5000), &[2; 50]);
     h.run_tx();
-    (&server).read_exact(&mut got[100..]).expect("host read");
-    let (host_end, mut program) = std::os::unix::net::UnixStream::pair().expect("socketpair");
-    host_end.set_nonblocking(true).expect("nonblocking");
-    let conn = (Addr::new(Cid::HOST, Port(5000)), Addr::new(GUEST, Port(1000)));
-    let reader = crate::direct::HostReader::new(
-        Arc::new(host_end),
-        Arc::new(server),
-        conn,
-        &h.worker.outbound,
-        std::task::Waker::noop().clone(),
-    );
+    (&*server).read_exact(&mut got[100..]).expect("host read");
     program.write_all(&[9; 1000]).expect("program write");
     reader.request();
     const SIZE: u32 = 4096;
