@@ -82,6 +82,9 @@ impl GuestDriver {
         let transport =
             GuestTransport { cid: guest_cid, outgoing: outgoing.clone(), kick: kick.clone() };
         let vsock = Vsock::with_transport(transport);
+        // A guest's blocked writer sleeps at once, as in a kernel (`sk_wait_event`): spinning
+        // here would take a core from the device under test, which shares the machine.
+        vsock.set_spin(false);
         let stop = Arc::new(AtomicBool::new(false));
         let mut rings = Rings::new(setup, layout, outgoing, vsock.clone())?;
         let flag = stop.clone();

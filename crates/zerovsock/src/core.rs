@@ -165,6 +165,8 @@ pub(crate) struct Shared {
     /// Wakes the clock thread when a timer may have moved earlier.
     clock: Condvar,
     pool: Arc<BufferPool>,
+    /// Whether blocked callers spin before they sleep ([`crate::Vsock::set_spin`]).
+    pub(crate) spin: AtomicBool,
 }
 
 /// The engine lock. Dropping it releases the lock first, then wakes the tasks the locked
@@ -249,6 +251,7 @@ impl Shared {
             core: Mutex::new(core),
             clock: Condvar::new(),
             pool: Arc::default(),
+            spin: AtomicBool::new(true),
         });
         spawn_clock(&shared);
         shared
@@ -310,7 +313,11 @@ impl Shared {
             let seen = waiter.generation.load(Ordering::Acquire);
             drop(core);
             let started = Instant::now();
-            let budget = waiter.spin_budget();
+            let budget = if self.spin.load(Ordering::Relaxed) {
+                waiter.spin_budget()
+            } else {
+                Duration::ZERO
+            };
             let woken = spin(waiter, seen, wait_for.map_or(budget, |w| w.min(budget)));
             core = self.lock();
             if woken || waiter.generation.load(Ordering::Acquire) != seen {

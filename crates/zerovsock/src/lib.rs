@@ -105,6 +105,15 @@ impl Vsock {
         Vsock { shared: core::Shared::new(Box::new(transport), configure) }
     }
 
+    /// Whether a blocked call spins briefly before it sleeps (default: it does, for as long as
+    /// spinning has been catching the wake-up, up to 300 us; on an idle multi-core machine a
+    /// sleeping thread's wake-up costs more). Off, it sleeps at once, as a kernel socket does
+    /// (`sk_wait_event`): for a stack whose callers share few cores with the threads that must
+    /// run before they can go on, such as a userspace guest and the device it drives.
+    pub fn set_spin(&self, spin: bool) {
+        self.shared.spin.store(spin, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// For a transport that receives on its own (a device's TX queue): hands packets from the
     /// peer to the engine, header bytes as they came and the payload, all under one lock; the
     /// answers go to the transport and waiting sockets wake, as after any call. A header that
