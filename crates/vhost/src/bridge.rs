@@ -557,6 +557,17 @@ impl Pipe {
                 let _ = stream.shutdown(std::net::Shutdown::Write);
                 moved = true;
             }
+            // The guest reads no more: the host program's writes fail from now on (EPIPE, as
+            // against a Linux peer that shut down reading), its reads go on. What it wrote
+            // before is dropped, as the guest will never read it (and a socket closed with
+            // unread bytes would reset the host program's reads).
+            if self.reader.refused() {
+                self.host_eof = true;
+                let _ = unix.shutdown(std::net::Shutdown::Read);
+                let mut scratch = [0u8; 4096];
+                while matches!((&*unix).read(&mut scratch), Ok(n) if n > 0) {}
+                moved = true;
+            }
         }
         Ok(moved)
     }

@@ -22,6 +22,8 @@ use crate::worker::Outbound;
 const OPEN: u8 = 0;
 const EOF: u8 = 1;
 const FAILED: u8 = 2;
+/// The guest takes no more (it shut down its receive side); the other direction goes on.
+const REFUSED: u8 = 3;
 
 /// One connection's host-to-guest direction, read by the vring worker.
 pub(crate) struct HostReader {
@@ -34,7 +36,7 @@ pub(crate) struct HostReader {
     queued: AtomicBool,
     /// Asked to read since the worker last started a read.
     wanted: AtomicBool,
-    /// OPEN, EOF or FAILED, as the worker found the host socket.
+    /// OPEN, EOF, FAILED or REFUSED, as the worker found the host socket and the guest.
     state: AtomicU8,
     /// The pipe is gone: drop this reader instead of reading.
     closed: AtomicBool,
@@ -120,9 +122,14 @@ impl HostReader {
         self.finish(EOF);
     }
 
-    /// Reading the host socket failed.
+    /// Reading the host socket failed, or the connection is gone.
     pub(crate) fn set_failed(&self) {
         self.finish(FAILED);
+    }
+
+    /// The guest shut down its receive side: nothing more goes its way.
+    pub(crate) fn set_refused(&self) {
+        self.finish(REFUSED);
     }
 
     fn finish(&self, state: u8) {
@@ -137,6 +144,10 @@ impl HostReader {
 
     pub(crate) fn failed(&self) -> bool {
         self.state.load(Ordering::SeqCst) == FAILED
+    }
+
+    pub(crate) fn refused(&self) -> bool {
+        self.state.load(Ordering::SeqCst) == REFUSED
     }
 
     /// The pipe ended; a queued reader is dropped by the worker.

@@ -619,6 +619,12 @@ impl Worker {
                 // Queued packets first, or an interrupted read: next round.
                 Read::Later | Read::Nothing | Read::Data => Placed::Later,
             },
+            // The guest shut down its receive side (EPIPE, as a Linux host's send gets): this
+            // direction ends, the other goes on.
+            Poll::Ready(Err(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                reader.set_refused();
+                Placed::Done
+            }
             // The host socket failed, or the connection is gone.
             Poll::Ready(Err(_)) => {
                 reader.set_failed();

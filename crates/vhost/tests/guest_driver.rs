@@ -192,3 +192,42 @@ fn a_frontend_that_goes_away_resets_its_connections_and_the_next_one_is_served()
     (&host2).read_exact(&mut after).expect("read");
     assert_eq!(&after, b"after");
 }
+
+/// A guest that shuts down reading (SHUTDOWN with RCV) only ends the host-to-guest direction:
+/// the host program's writes fail with EPIPE, as a Linux host's sends to that socket do, and
+/// what the guest still sends reaches it.
+#[test]
+fn a_guest_that_stops_reading_still_sends_and_the_host_program_gets_epipe() {
+    let s = setup(TxLayout::Linux);
+    let listener = UnixListener::bind(s.dir.join("vm.vsock_5000")).expect("host listener");
+    let vsock = s.guest.vsock().clone();
+    let (shut_tx, shut_rx) = std::sync::mpsc::channel();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let guest = thread::spawn(move || {
+        let mut stream =
+            VsockStream::connect(&vsock, Addr::new(Cid::HOST, Port(5000))).expect("guest connect");
+        stream.shutdown(std::net::Shutdown::Read).expect("guest SHUT_RD");
+        shut_tx.send(()).expect("signal");
+        go_rx.recv().expect("go");
+        stream.write_all(b"still here").expect("guest write after SHUT_RD");
+        stream.shutdown(std::net::Shutdown::Write).expect("guest SHUT_WR");
+    });
+    let (mut host, _) = listener.accept().expect("host accept");
+    shut_rx.recv().expect("guest shut down reading");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let error = loop {
+        match host.write(b"hello") {
+            Ok(_) if std::time::Instant::now() < deadline => {
+                thread::sleep(Duration::from_millis(5))
+            }
+            Ok(_) => panic!("the host program may still write to a guest that reads no more"),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(error.kind(), std::io::ErrorKind::BrokenPipe, "{error}");
+    go_tx.send(()).expect("go");
+    let mut got = Vec::new();
+    host.read_to_end(&mut got).expect("host read");
+    assert_eq!(got, b"still here", "the guest's other direction was torn down with it");
+    guest.join().expect("guest thread");
+}
