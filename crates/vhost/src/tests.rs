@@ -381,6 +381,11 @@ fn rx_ring(mem: &GuestMemory, count: u16, size: u32) -> (MockSplitQueue<'_, Gues
 
 const RX_BUFFERS: u64 = 0x50_0000;
 
+/// Payload bytes of the RW packets in the used RX chains (4 KiB apart).
+fn rw_bytes(mem: &GuestMemory, used: &[Used]) -> usize {
+    rx_packets(mem, used, 4096).iter().filter(|(r, _)| r.op == Op::Rw).map(|(_, p)| p.len()).sum()
+}
+
 /// Headers and payload bytes of the used RX chains, in used-ring order (chains returned
 /// empty carry nothing).
 fn rx_packets(mem: &GuestMemory, used: &[Used], size: u32) -> Vec<(Repr, Vec<u8>)> {
@@ -532,12 +537,11 @@ fn rx_ring_of<'a>(mem: &'a GuestMemory, sizes: &[u32]) -> (MockSplitQueue<'a, Gu
 /// A guest may post RX buffers with room for a header and nothing else (44 bytes is a legal
 /// chain: `vhost_transport_do_send_pkt` only refuses `iov_len < sizeof(hdr)`). Linux writes
 /// such a buffer a header with `len` 0 and moves on to the next buffer, so the data flows as
-/// soon as the guest posts real buffers. Here `place_one` takes up to `MAX_PLACE_BUFFERS` (32)
-/// buffers, finds 0 bytes of room, calls `poll_send_in_place(.., 0, ..)` (which returns
-/// `Ready(Ok(None))` at once) and answers `Placed::Later`; the 32 useless buffers go to
-/// `spare`, which `next_buffer` hands out first, so every later round takes the same 32 and
-/// nothing else: the host data never reaches the guest, whatever buffers it posts after, and
-/// the 32 chains are never returned.
+/// soon as the guest posts real buffers. The first version's `place_one` took up to
+/// `MAX_PLACE_BUFFERS` (32) buffers, found 0 bytes of room, and kept them aside in `spare`,
+/// which `next_buffer` hands out first: every later round took the same 32 and nothing else,
+/// the host data never reached the guest, and the 32 chains were never returned. Now such a
+/// buffer goes back empty.
 #[test]
 fn header_only_rx_buffers_do_not_wedge_host_data_forever() {
     use std::io::Write;
@@ -555,11 +559,7 @@ fn header_only_rx_buffers_do_not_wedge_host_data_forever() {
     for _ in 0..16 {
         h.worker.process_rx(&mem, &mut rx, &mut used);
     }
-    let placed: usize = rx_packets(&mem, &used, 4096)
-        .iter()
-        .filter(|(r, _)| r.op == Op::Rw)
-        .map(|(_, payload)| payload.len())
-        .sum();
+    let placed = rw_bytes(&mem, &used);
     assert_eq!(
         placed,
         1000,
@@ -572,9 +572,9 @@ fn header_only_rx_buffers_do_not_wedge_host_data_forever() {
 
 /// The host program writes exactly the guest's credit and closes its socket. Linux sends
 /// SHUTDOWN (and, after `VSOCK_CLOSE_TIMEOUT`, RST) whatever the credit: control packets
-/// need none (`virtio_transport_close`). Here the end of file is only found by a `readv`, and
-/// `place_one` only reads inside `poll_send_in_place`, which is `Pending` while the guest has
-/// no credit: the reader goes idle with the end of file in its socket, the pipe never learns
+/// need none (`virtio_transport_close`). The first version found the end of file only by a
+/// `readv`, and `place_one` only reads inside `poll_send_in_place`, which is `Pending` while the
+/// guest has no credit: the reader went idle with the end of file in its socket, the pipe never learns
 /// of it, the guest is never told, and a guest that does not read (or never returns credit)
 /// keeps the `VsockStream`, the pipe task and the Unix socket alive forever.
 #[test]
@@ -591,11 +591,7 @@ fn host_close_is_seen_when_the_guest_has_no_credit_left() {
     for _ in 0..8 {
         h.worker.process_rx(&mem, &mut rx, &mut used);
     }
-    let placed: usize = rx_packets(&mem, &used, 4096)
-        .iter()
-        .filter(|(r, _)| r.op == Op::Rw)
-        .map(|(_, payload)| payload.len())
-        .sum();
+    let placed = rw_bytes(&mem, &used);
     assert_eq!(placed, 1000, "the guest's whole credit");
     assert!(
         reader.at_eof() || reader.failed(),
