@@ -25,16 +25,13 @@ use crate::turn::Turn;
 pub(crate) enum Source<'a> {
     Borrowed(&'a [u8]),
     Shared(&'a Payload),
-    /// Buffers the caller gave up: sent as they are even by a copy-mode pass, since nobody
-    /// writes them again (no completion is reported for them).
-    Given(&'a Payload),
 }
 
 impl Source<'_> {
     fn len(&self) -> usize {
         match self {
             Source::Borrowed(bytes) => bytes.len(),
-            Source::Shared(payload) | Source::Given(payload) => payload.len(),
+            Source::Shared(payload) => payload.len(),
         }
     }
 
@@ -42,7 +39,7 @@ impl Source<'_> {
     fn starts_segment(&self, offset: usize) -> bool {
         match self {
             Source::Borrowed(_) => offset == 0,
-            Source::Shared(payload) | Source::Given(payload) => {
+            Source::Shared(payload) => {
                 let mut at = 0;
                 for segment in payload.segments() {
                     if at >= offset {
@@ -59,7 +56,7 @@ impl Source<'_> {
     fn copy(&self, pool: &Arc<BufferPool>, start: usize, len: usize) -> Payload {
         let bytes = pool.filled(len, |buffer| match self {
             Source::Borrowed(bytes) => buffer.extend_from_slice(&bytes[start..start + len]),
-            Source::Shared(payload) | Source::Given(payload) => {
+            Source::Shared(payload) => {
                 payload.slice(start, len).extend_vec(buffer)
             }
         });
@@ -69,7 +66,7 @@ impl Source<'_> {
     fn share(&self, pool: &Arc<BufferPool>, start: usize, len: usize) -> Payload {
         match self {
             Source::Borrowed(_) => self.copy(pool, start, len),
-            Source::Shared(payload) | Source::Given(payload) => payload.slice(start, len),
+            Source::Shared(payload) => payload.slice(start, len),
         }
     }
 }
@@ -231,7 +228,7 @@ impl Inner {
     fn finish_pass(&self, grant: SendGrant, source: &Source<'_>, sent: usize) -> io::Result<usize> {
         let len = grant.len();
         let pool = self.shared.pool();
-        let payload = if grant.must_copy() && !matches!(source, Source::Given(_)) {
+        let payload = if grant.must_copy() {
             source.copy(pool, sent, len)
         } else {
             source.share(pool, sent, len)

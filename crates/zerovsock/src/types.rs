@@ -427,15 +427,6 @@ impl VsockStream {
         self.inner.poll_send(cx, &Source::Borrowed(buf), false, false)
     }
 
-    /// Writes a buffer the caller gives up, without copying it: what the credit takes now (at
-    /// least one byte), shared with the packets that carry it. No completion is reported; the
-    /// stack just drops its references once the peer has the bytes. The poll form of a
-    /// `write` of owned bytes, for a bridge that read them from another descriptor.
-    pub fn poll_write_bytes(&self, cx: &mut Context<'_>, buf: &Bytes) -> Poll<io::Result<usize>> {
-        let payload = Payload::from_bytes(buf.clone());
-        self.inner.poll_send(cx, &Source::Given(&payload), false, false)
-    }
-
     /// Reads without copying: once data is queued, lends up to `max` bytes to `consume` as a
     /// [`Payload`] (the receive queue's own buffers: the sender's memory on loopback, guest
     /// memory on a device) and consumes the bytes `consume` reports taking; the rest stay
