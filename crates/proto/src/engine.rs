@@ -150,6 +150,14 @@ pub(crate) struct Outbox {
     pub(crate) cancels: Vec<(Addr, Addr)>,
 }
 
+/// The header of a packet from `socket`, stamped with its credit (`virtio_transport_inc_tx_pkt`:
+/// the peer now knows its `fwd_cnt`); `None` before it has both addresses.
+fn stamped(socket: &mut Socket, op: Op, flags: u32) -> Option<Repr> {
+    let (Some(local), Some(remote)) = (socket.local, socket.remote) else { return None };
+    let (buf_alloc, fwd_cnt) = socket.credit.stamp();
+    Some(Repr { flags, buf_alloc, fwd_cnt, ..Repr::new(op, socket.socket_type, local, remote) })
+}
+
 impl Outbox {
     /// Sends a packet from `socket`, stamped with its credit (`virtio_transport_inc_tx_pkt`).
     pub(crate) fn send(&mut self, socket: &mut Socket, op: Op, flags: u32, payload: Payload) {
@@ -165,10 +173,7 @@ impl Outbox {
         payload: Payload,
         pinned: bool,
     ) {
-        let (Some(local), Some(remote)) = (socket.local, socket.remote) else { return };
-        let (buf_alloc, fwd_cnt) = socket.credit.stamp();
-        let repr =
-            Repr { flags, buf_alloc, fwd_cnt, ..Repr::new(op, socket.socket_type, local, remote) };
+        let Some(repr) = stamped(socket, op, flags) else { return };
         self.transmit.push_back(Packet { pinned, ..Packet::data(repr, payload) });
     }
 
@@ -648,16 +653,8 @@ impl Engine {
         if len == 0 {
             return Ok(None);
         }
-        let (Some(local), Some(remote)) = (socket.local, socket.remote) else {
-            return Err(SendError::NotConnected);
-        };
-        let (buf_alloc, fwd_cnt) = socket.credit.stamp();
-        Ok(Some(Repr {
-            buf_alloc,
-            fwd_cnt,
-            len: len as u32,
-            ..Repr::new(Op::Rw, socket.socket_type, local, remote)
-        }))
+        let repr = stamped(socket, Op::Rw, 0).ok_or(SendError::NotConnected)?;
+        Ok(Some(Repr { len: len as u32, ..repr }))
     }
 
     /// Describes what a read of up to `max` bytes returns, without consuming it. An empty lease

@@ -56,9 +56,7 @@ impl Source<'_> {
     fn copy(&self, pool: &Arc<BufferPool>, start: usize, len: usize) -> Payload {
         let bytes = pool.filled(len, |buffer| match self {
             Source::Borrowed(bytes) => buffer.extend_from_slice(&bytes[start..start + len]),
-            Source::Shared(payload) => {
-                payload.slice(start, len).extend_vec(buffer)
-            }
+            Source::Shared(payload) => payload.slice(start, len).extend_vec(buffer),
         });
         Payload::from_bytes(bytes)
     }
