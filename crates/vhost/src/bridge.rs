@@ -494,8 +494,7 @@ impl Pipe {
         outbound: &Arc<Outbound>,
         waker: &Waker,
     ) -> Pipe {
-        let reader =
-            HostReader::new(Arc::new(unix), Arc::new(stream), conn, outbound, waker.clone());
+        let reader = HostReader::new(unix, stream, conn, outbound, waker.clone());
         // Whatever the host program sent already (after its CONNECT line) gets no new event.
         reader.request();
         Pipe { reader, prefix, write_blocked: false, host_eof: false, guest_eof: false }
@@ -520,7 +519,7 @@ impl Pipe {
     /// One round; whether anything moved.
     fn step(&mut self, cx: &mut Context<'_>) -> io::Result<bool> {
         let mut moved = false;
-        let (unix, stream) = (&*self.reader.unix, &*self.reader.stream);
+        let (unix, stream) = (&self.reader.unix, &self.reader.stream);
         self.write_blocked = false;
         // Towards the host: the line owed first, then what the guest sent.
         if !self.prefix.is_empty() {

@@ -27,8 +27,8 @@ const REFUSED: u8 = 3;
 
 /// One connection's host-to-guest direction, read by the vring worker.
 pub(crate) struct HostReader {
-    pub(crate) unix: Arc<UnixStream>,
-    pub(crate) stream: Arc<VsockStream>,
+    pub(crate) unix: UnixStream,
+    pub(crate) stream: VsockStream,
     /// (host address, guest address): what the connection's packets carry.
     pub(crate) conn: (Addr, Addr),
     outbound: Weak<Outbound>,
@@ -63,8 +63,8 @@ impl Wake for Requeue {
 
 impl HostReader {
     pub(crate) fn new(
-        unix: Arc<UnixStream>,
-        stream: Arc<VsockStream>,
+        unix: UnixStream,
+        stream: VsockStream,
         conn: (Addr, Addr),
         outbound: &Arc<Outbound>,
         pipe: Waker,

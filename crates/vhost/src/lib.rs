@@ -108,7 +108,10 @@ impl Device {
         let transport =
             DeviceTransport { guest_cid: Cid(config.guest_cid), outbound: outbound.clone() };
         let vsock = Vsock::with_transport(transport);
-        vsock.set_seqpacket(false); // until a driver acks it (`session`)
+        // `seqpacket_allow` starts false (vhost_vsock_dev_open zeroes it): only a driver's
+        // acked features turn it on (`Backend::acked_features`), and each session's end
+        // turns it off again.
+        vsock.set_seqpacket(false);
         let bridge = match &config.uds_path {
             Some(path) => Some(Arc::new(bridge::Bridge::start(
                 &vsock,
@@ -173,9 +176,6 @@ impl Device {
     /// guest are dropped and its connections end with ECONNRESET, as when a vhost-vsock
     /// device is released.
     fn session(&self, listener: &mut Listener) -> io::Result<()> {
-        // `seqpacket_allow` starts false (vhost_vsock_dev_open zeroes it) and only the
-        // driver's acked features turn it on (`Backend::acked_features`).
-        self.vsock.set_seqpacket(false);
         let returns_kick = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
         let returns = backend::returns_with(&returns_kick);
         let mut worker = Worker::new(

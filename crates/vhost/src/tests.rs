@@ -462,7 +462,7 @@ fn placed_host_data_never_overtakes_the_connections_queued_packets() {
     let mut h = Harness::new(64);
     let mem = h.mem.clone();
     let (reader, mut program, _listener) = placed_connection(&mut h, 256 * 1024);
-    let server = &*reader.stream;
+    let server = &reader.stream;
     let mut got = [0u8; 150];
     // fwd_cnt 100, announced by CREDIT_UPDATEs that wait for RX buffers; then 150.
     h.offer_packet(from_guest(Op::Rw, 1000, 5000), &[1; 100]);
@@ -507,8 +507,8 @@ fn placed_connection(
     host_end.set_nonblocking(true).expect("nonblocking");
     let conn = (Addr::new(Cid::HOST, Port(5000)), Addr::new(GUEST, Port(1000)));
     let reader = crate::direct::HostReader::new(
-        Arc::new(host_end),
-        Arc::new(server),
+        host_end,
+        server,
         conn,
         &h.worker.outbound,
         std::task::Waker::noop().clone(),

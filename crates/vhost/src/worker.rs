@@ -299,8 +299,8 @@ enum Placed {
 /// What the `readv` found.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Read {
-    Nothing,
-    Later,
+    /// Not read: the connection's queued packets go first, or the read was interrupted.
+    Again,
     Eof,
     /// EAGAIN: the socket is empty now.
     Drained,
@@ -557,13 +557,12 @@ impl Worker {
         }
         let room = room.min(MAX_PACKET_PAYLOAD as usize);
         let (outbound, scratch) = (&self.outbound, &mut self.scratch);
-        let mut read = Read::Nothing;
+        let mut read = Read::Again;
         reader.start_read();
         let mut cx = Context::from_waker(&reader.requeue);
         let sent = reader.stream.poll_send_in_place(&mut cx, room, |room| {
             // Under the engine lock: nothing of this connection may have been queued since.
             if outbound.pending_for(conn) > 0 {
-                read = Read::Later;
                 return Ok(0);
             }
             match crate::sys::readv_into(reader.unix.as_fd(), mem, &buffers, room, scratch) {
@@ -617,7 +616,7 @@ impl Worker {
                     Placed::Done
                 }
                 // Queued packets first, or an interrupted read: next round.
-                Read::Later | Read::Nothing | Read::Data => Placed::Later,
+                Read::Again | Read::Data => Placed::Later,
             },
             // The guest shut down its receive side (EPIPE, as a Linux host's send gets): this
             // direction ends, the other goes on.
