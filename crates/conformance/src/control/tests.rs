@@ -57,7 +57,9 @@ fn the_client_side_speaks_the_same_bytes() {
 #[test]
 fn failures_name_the_step_as_the_c_tool_does() {
     let (mut control, mut peer) = pair();
-    peer.write_all(b"BIND\nNEXTT\nabc\n").expect("peer words");
+    peer.write_all(b"DONEX\nBIND\nNEXTT\nabc\n").expect("peer words");
+    let error = control.expectln("DONE").expect_err("a longer line is another token");
+    assert_eq!(error.to_string(), "expected \"DONE\" on control socket, got \"DONEX\"");
     let error = control.expectln("LISTENING").expect_err("another token");
     assert_eq!(error.to_string(), "expected \"LISTENING\" on control socket, got \"BIND\"");
     let error = control.barrier(false).expect_err("not a barrier word");
