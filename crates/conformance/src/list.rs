@@ -42,9 +42,28 @@ pub const KERNEL_6_12: [&str; 26] = [
     "SOCK_SEQPACKET ioctl(SIOCOUTQ) 0 unsent bytes",
 ];
 
+/// The tests after the 6.12 list, ids 26 on: what mainline `vsock_test` added later and
+/// applies to a userspace stack (names as mainline's), then `vsock_uring_test`'s two.
+pub const LATER: [&str; 9] = [
+    "SOCK_STREAM ioctl(SIOCINQ) functionality",
+    "SOCK_SEQPACKET ioctl(SIOCINQ) functionality",
+    "SOCK_STREAM accept()ed socket custom setsockopt()",
+    "SOCK_STREAM virtio MSG_ZEROCOPY coalescence corruption",
+    "SOCK_STREAM TX credit bounds",
+    "SOCK_STREAM MSG_PEEK after partial recv",
+    "SOCK_STREAM small packets backpressure",
+    "SOCK_STREAM io_uring test",
+    "SOCK_STREAM io_uring MSG_ZEROCOPY test",
+];
+
 /// The kernel 6.12 list with ids.
 pub fn kernel_6_12() -> impl Iterator<Item = TestId> {
     KERNEL_6_12.iter().enumerate().map(|(id, &name)| TestId { id, name })
+}
+
+/// The whole list: the kernel 6.12 tests, then [`LATER`].
+pub fn all() -> impl Iterator<Item = TestId> {
+    KERNEL_6_12.iter().chain(LATER.iter()).enumerate().map(|(id, &name)| TestId { id, name })
 }
 
 /// What `vsock_test --list` prints for `tests` (`list_tests`): a heading, then
