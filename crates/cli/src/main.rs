@@ -3,12 +3,15 @@
 //! * `zerovsock perf`: copy vs zerocopy throughput on the in-process loopback, with `memcpy`
 //!   of the same sizes measured in the same run (see `perf.rs`).
 //! * `zerovsock vhost`: the vhost-user-vsock device for QEMU guests (see `vhost.rs`).
+//! * `zerovsock test`: the conformance suite, pairing with the kernel's `vsock_test` (see
+//!   `test.rs`).
 
 #![forbid(unsafe_code)]
 
 use clap::{Parser, Subcommand};
 
 mod perf;
+mod test;
 mod vhost;
 
 /// vsock with MSG_ZEROCOPY, in Rust.
@@ -26,12 +29,16 @@ enum Command {
     /// The vhost-user-vsock device for a QEMU (cloud-hypervisor, crosvm) guest, with hybrid
     /// Unix-socket endpoints.
     Vhost(vhost::VhostArgs),
+    /// The conformance suite: the kernel vsock_test's tests and control protocol, against the
+    /// loopback, the device or the kernel, or one half of a pairing with the C vsock_test.
+    Test(test::TestArgs),
 }
 
 fn main() {
     let result = match Cli::parse().command {
         Command::Perf(args) => perf::run(args),
         Command::Vhost(args) => vhost::run(args),
+        Command::Test(args) => test::run(args),
     };
     if let Err(error) = result {
         // The chain of causes, without a backtrace: these are reports to a user.
