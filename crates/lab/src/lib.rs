@@ -21,6 +21,7 @@
 
 #![forbid(unsafe_code)]
 
+mod ctool;
 mod initramfs;
 mod qemu;
 mod setup;
@@ -30,6 +31,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
+pub use ctool::{CTool, SOURCE_PACKAGE};
 pub use initramfs::{Cpio, GUEST_CMDLINE_FLAG, GUEST_MARKER};
 pub use qemu::{Guest, NetLink, Outcome};
 pub use setup::Kernel;
@@ -72,6 +74,12 @@ impl Lab {
     /// The guest kernel.
     pub fn kernel(&self) -> &Kernel {
         &self.kernel
+    }
+
+    /// The kernel's C `vsock_test`, built statically from Debian's `linux-source-6.12` into
+    /// the cache the first time (see [`CTool`]).
+    pub fn vsock_test(&self) -> Result<CTool> {
+        ctool::vsock_test(&self.cache)
     }
 
     /// Boots a guest with `binaries` in `/bin`, runs `script` with `sh`, and returns its exit
@@ -133,6 +141,13 @@ pub fn build_static_example(package: &str, example: &str) -> Result<PathBuf> {
         guest_build(&["build", "--release", "--locked", "-p", package, "--example", example])
             .with_context(|| format!("building example {example} of {package}"))?;
     executable(&messages, example)
+}
+
+/// Builds binary `bin` of `package` as a static executable for the guest and returns its path.
+pub fn build_static_binary(package: &str, bin: &str) -> Result<PathBuf> {
+    let messages = guest_build(&["build", "--release", "--locked", "-p", package, "--bin", bin])
+        .with_context(|| format!("building binary {bin} of {package}"))?;
+    executable(&messages, bin)
 }
 
 /// The executable of target `name` among cargo's JSON messages.

@@ -29,7 +29,7 @@ pub struct Kernel {
     pub modules: Vec<PathBuf>,
 }
 
-fn run(command: &mut Command) -> Result<String> {
+pub(crate) fn run(command: &mut Command) -> Result<String> {
     let output = command.output().with_context(|| format!("running {command:?}"))?;
     if !output.status.success() {
         bail!(
@@ -43,7 +43,7 @@ fn run(command: &mut Command) -> Result<String> {
 
 /// [`run`] for commands that reach the package registry: a transient failure is tried again,
 /// three times in all, before it is reported.
-fn run_fetching(command: &mut Command) -> Result<String> {
+pub(crate) fn run_fetching(command: &mut Command) -> Result<String> {
     let mut last = None;
     for attempt in 1..=3 {
         match run(command) {
@@ -58,7 +58,7 @@ fn run_fetching(command: &mut Command) -> Result<String> {
     Err(last.unwrap_or_else(|| anyhow::anyhow!("{command:?} failed")))
 }
 
-fn have(program: &str) -> bool {
+pub(crate) fn have(program: &str) -> bool {
     Command::new("sh")
         .arg("-c")
         .arg(format!("command -v {program}"))
@@ -94,7 +94,7 @@ pub const BUSYBOX: &str = "/bin/busybox";
 
 /// Whether a Debian package is installed (the plain `busybox` package is dynamically linked and
 /// useless in an initramfs without its libraries; `busybox-static` replaces it).
-fn installed(package: &str) -> bool {
+pub(crate) fn installed(package: &str) -> bool {
     Command::new("dpkg-query")
         .args(["-W", "-f=${Status}", package])
         .output()
