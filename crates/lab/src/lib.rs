@@ -33,7 +33,7 @@ use anyhow::{bail, Context, Result};
 
 pub use ctool::{CTool, SOURCE_PACKAGE};
 pub use initramfs::{Cpio, GUEST_CMDLINE_FLAG, GUEST_MARKER};
-pub use qemu::{Guest, NetLink, Outcome};
+pub use qemu::{Guest, NetLink, Outcome, HOST_FROM_GUEST, USER_NET_UP};
 pub use setup::Kernel;
 
 /// Whether this process runs inside a guest the lab booted.

@@ -10,15 +10,28 @@ use anyhow::{bail, Context, Result};
 use crate::initramfs::{BEGIN_MARK, EXIT_MARK, GUEST_CMDLINE_FLAG};
 use crate::setup::Kernel;
 
-/// A link between two guests for control traffic (`-netdev socket`): one side listens on a
-/// loopback TCP port, the other connects to it. Guest addresses are set by the scripts.
+/// A guest's network link, for control traffic: to another guest (`-netdev socket`: one side
+/// listens on a loopback TCP port, the other connects to it), or to this host (`-netdev user`).
+/// Guest addresses are set by the scripts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NetLink {
     /// `-netdev socket,listen=127.0.0.1:PORT` (start this guest first).
     Listen(u16),
     /// `-netdev socket,connect=127.0.0.1:PORT`.
     Connect(u16),
+    /// `-netdev user` (QEMU's user-mode network): the guest reaches the host's 127.0.0.1:PORT
+    /// at [`HOST_FROM_GUEST`]:PORT once its script ran [`USER_NET_UP`].
+    User,
 }
+
+/// The host's loopback as a guest on [`NetLink::User`] reaches it.
+pub const HOST_FROM_GUEST: &str = "10.0.2.2";
+
+/// Shell lines that bring up a [`NetLink::User`] guest's `eth0` at QEMU's default address
+/// (busybox `ip`; `/init` has already brought up `lo`).
+pub const USER_NET_UP: &str = "ip link set lo up\n\
+                               ip addr add 10.0.2.15/24 dev eth0\n\
+                               ip link set eth0 up\n";
 
 /// How to boot a guest.
 #[derive(Debug, Clone)]
@@ -92,6 +105,7 @@ impl Guest {
             let netdev = match link {
                 NetLink::Listen(port) => format!("socket,id=link,listen=127.0.0.1:{port}"),
                 NetLink::Connect(port) => format!("socket,id=link,connect=127.0.0.1:{port}"),
+                NetLink::User => "user,id=link".to_owned(),
             };
             qemu.args(["-netdev", &netdev])
                 .args(["-device", &format!("virtio-net-pci,netdev=link,mac={}", self.mac)]);
@@ -228,6 +242,18 @@ mod tests {
         assert!(args.iter().any(|a| a == "memory-backend-memfd,id=mem,size=512M,share=on"));
         assert!(args.iter().any(|a| a == "socket,id=vhostvsock,path=/run/vm3.vhost"));
         assert!(args.iter().any(|a| a == "vhost-user-vsock-pci,chardev=vhostvsock"));
+    }
+
+    #[test]
+    fn user_network_guest_gets_a_virtio_nic_on_slirp() {
+        let guest = Guest { net: Some(NetLink::User), ..Guest::default() };
+        let args = args(&guest.command(&kernel(), Path::new("/i"), Path::new("/c")));
+        let pair = |flag: &str| -> Vec<String> {
+            args.windows(2).filter(|w| w[0] == flag).map(|w| w[1].clone()).collect()
+        };
+        assert_eq!(pair("-netdev"), ["user,id=link"]);
+        assert_eq!(pair("-device"), ["virtio-net-pci,netdev=link,mac=52:54:00:12:34:56"]);
+        assert!(USER_NET_UP.contains("dev eth0") && USER_NET_UP.contains("10.0.2.15/24"));
     }
 
     #[test]
