@@ -358,11 +358,16 @@ pub const DOUBLE_BIND_CONNECT: Case = Case {
 fn double_bind_connect_server(ctx: &mut Ctx<'_>) -> Outcome {
     ctx.step("listen");
     let listener = ctx.io(ctx.peer.listen(STREAM, ctx.any_port(), 1))?;
+    // The accepted sockets stay open to the end, as in the C tool: closing one whose peer
+    // has shut down both ways sends another RST to its (cid, port) pair
+    // (`virtio_transport_close`), which may by then be the client's next connection.
+    let mut accepted = Vec::new();
     for _ in 0..2 {
         ctx.writeln("LISTENING")?;
         ctx.step("accept");
         let (conn, _) = ctx.io(listener.accept(TIMEOUT))?;
         ctx.wait_remote_close(&*conn)?;
+        accepted.push(conn);
     }
     Ok(Verdict::default())
 }
