@@ -125,7 +125,8 @@ pub fn run(args: TestArgs) -> Result<()> {
         let json = Json {
             target: &title,
             results: &results,
-            completed: &completed,
+            completed: completed.is_ok(),
+            completed_error: completed.as_ref().err(),
             unexpected: &unexpected,
         };
         println!("{}", serde_json::to_string_pretty(&json)?);
@@ -151,7 +152,10 @@ pub fn run(args: TestArgs) -> Result<()> {
 struct Json<'a> {
     target: &'a str,
     results: &'a [TestResult],
-    completed: &'a Result<(), String>,
+    /// Whether the final `COMPLETED` barrier was passed (always, in process).
+    completed: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    completed_error: Option<&'a String>,
     unexpected: &'a [String],
 }
 
