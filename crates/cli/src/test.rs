@@ -106,7 +106,7 @@ pub struct TestArgs {
 }
 
 pub fn run(args: TestArgs) -> Result<()> {
-    let select = selection(&args);
+    let select = selection(std::env::args(), &args);
     let count = runner::cases_for(args.kernel_6_12).len();
     // Flags are checked before anything runs, as vsock_test checks them.
     let skipped = list::skipped(count, &select).map_err(anyhow::Error::msg)?;
@@ -160,11 +160,11 @@ struct Json<'a> {
 }
 
 /// `--skip` and `--pick` in command-line order. Clap keeps each flag's values apart, so
-/// their order is taken from the raw arguments.
-fn selection(args: &TestArgs) -> Vec<Select> {
+/// their order is taken from the raw arguments `raw`.
+fn selection(raw: impl IntoIterator<Item = String>, args: &TestArgs) -> Vec<Select> {
     let (mut skips, mut picks) = (args.skip.iter(), args.pick.iter());
     let mut select = Vec::new();
-    let mut raw = std::env::args();
+    let mut raw = raw.into_iter();
     while let Some(arg) = raw.next() {
         let is = |flag: &str| arg == flag || arg.starts_with(&format!("{flag}="));
         if is("--skip") {
@@ -329,4 +329,43 @@ fn one_side(args: &TestArgs, mode: ModeArg, select: Vec<Select>) -> Result<Run> 
         report.results,
         report.completed,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Command {
+        #[command(flatten)]
+        args: TestArgs,
+    }
+
+    fn select(line: &str) -> Vec<Select> {
+        let raw: Vec<String> = line.split_whitespace().map(str::to_owned).collect();
+        let args = Command::try_parse_from(&raw).expect("parses").args;
+        selection(raw, &args)
+    }
+
+    #[test]
+    fn skip_and_pick_keep_their_command_line_order() {
+        use Select::{Pick, Skip};
+        assert_eq!(
+            select("test --pick 3 --skip=3 --peer-port 7 --pick=4 --skip 0"),
+            [Pick(3), Skip(3), Pick(4), Skip(0)]
+        );
+        assert_eq!(select("test --skip 2 --pick 2"), [Skip(2), Pick(2)]);
+        assert_eq!(select("test --kernel-6.12"), []);
+    }
+
+    #[test]
+    fn defaults_are_vsock_tests() {
+        let args = Command::try_parse_from(["test"]).expect("parses").args;
+        assert_eq!((args.transport, args.mode, args.peer_port), (Transport::Loopback, None, 1234));
+        assert!(!args.kernel_6_12 && !args.list && !args.json);
+        assert!(Command::try_parse_from(["test", "--mode", "both"]).is_err());
+        assert!(Command::try_parse_from(["test", "--transport", "tcp"]).is_err());
+    }
 }
