@@ -1,8 +1,8 @@
 //! The kernel's own C `vsock_test` (tools/testing/vsock), built statically for the guests from
 //! Debian's `linux-source-6.12` package, so the conformance suite can be paired with it.
 //!
-//! The build is cached under the lab's cache as `vsock_test-<package version>/vsock_test` and
-//! redone only when that file is missing (a new package version gets a new directory). What the
+//! The build is cached under the lab's cache as `vsock_test-<package version>/vsock_test`, its
+//! sources beside it in `src/`, and redone only when the executable is missing (a new package version gets a new directory). What the
 //! build needs on the host (gcc, the C library's headers and static archive, xz for the source
 //! tarball) is installed with apt-get when missing.
 
@@ -167,6 +167,9 @@ fn build(version: &str, dir: &Path) -> Result<()> {
     run(Command::new("gcc")
         .args(gcc_args(&tree, &partial))
         .current_dir(tree.join("tools/testing/vsock")))?;
+    // The tool's sources stay beside it (a few hundred KiB), to read what a test does.
+    let _ = std::fs::remove_dir_all(dir.join("src"));
+    std::fs::rename(tree.join("tools/testing/vsock"), dir.join("src"))?;
     std::fs::rename(&partial, dir.join("vsock_test"))?;
     std::fs::write(dir.join("version"), format!("{SOURCE_PACKAGE} {version}\n"))?;
     std::fs::remove_dir_all(&work)?;
