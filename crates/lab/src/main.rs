@@ -9,6 +9,9 @@
 //!   `device.rs`).
 //! * `device-bench`: the same guest against the device and vhost-device-vsock, measured (see
 //!   `device_bench.rs`).
+//! * `conformance [--only PAIRING]...`: the conformance suite paired with the kernel's C
+//!   `vsock_test` in guests, and on the device with the C tool in a guest (see
+//!   `conformance.rs`).
 
 #![forbid(unsafe_code)]
 
@@ -20,6 +23,7 @@ use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
 use zerovsock_lab::{build_static_tests, Guest, Lab, NetLink};
 
+mod conformance;
 mod device;
 mod device_bench;
 
@@ -61,6 +65,15 @@ enum Cmd {
     /// The device bench with a real guest: zerovsock's device and vhost-device-vsock (when
     /// installed) side by side, both ways, at 4 KiB, 64 KiB and 1 MiB writes.
     DeviceBench,
+    /// The conformance suite paired with the kernel's C vsock_test 6.12 (built from Debian's
+    /// linux-source-6.12): C/C as the lab's baseline, ours/ours, C client/our server, our
+    /// client/C server on a guest's vsock_loopback, and our device host half against the C
+    /// client in a guest.
+    Conformance {
+        /// Run only these pairings (repeatable; default all).
+        #[arg(long, value_enum)]
+        only: Vec<conformance::Pairing>,
+    },
 }
 
 fn main() {
@@ -87,6 +100,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Selftest => selftest(&guest),
         Cmd::DeviceTests => device::run(&guest),
         Cmd::DeviceBench => device_bench::run(&guest),
+        Cmd::Conformance { only } => conformance::run(&guest, &only),
     }
 }
 

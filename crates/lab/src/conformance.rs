@@ -1,0 +1,404 @@
+//! `conformance`: the conformance suite (`zerovsock test`) paired with the kernel's C
+//! `vsock_test` 6.12 inside lab guests, one guest per pairing:
+//!
+//! * `c-baseline`: the C client against the C server on the guest's `vsock_loopback`: the lab
+//!   itself, so a failure of a mixed pairing can be told apart from a lab problem;
+//! * `ours`: `zerovsock test --transport kernel`, both halves in one process on
+//!   `vsock_loopback`, checked against `crates/conformance/expected/kernel.txt`;
+//! * `c-client`: the C client against our server (`--mode server --kernel-6.12`);
+//! * `c-server`: our client against the C server;
+//! * `device`: our host half on the device's native sockets (`zerovsock test --transport
+//!   device --mode server`, a host process serving `vhost-user-vsock-pci`) against the C
+//!   client in a guest, whose control connection reaches the host through QEMU's user network.
+//!
+//! The server side always starts first and the client is started only once the server printed
+//! `Control socket listening` (both tools print it once the control port listens). Nothing
+//! probes the control port: the server takes the first connection as its one control client.
+//! Every pairing runs even when an earlier one failed; a failed one is reported with its
+//! output and the guest's whole console, and the command exits non-zero.
+
+use std::fs::File;
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::ValueEnum;
+use zerovsock_lab::{
+    build_host_binary, build_static_binary, CTool, Guest, Lab, NetLink, HOST_FROM_GUEST,
+    SOURCE_PACKAGE, USER_NET_UP,
+};
+
+/// The control port inside a guest (both tools' usual one).
+const GUEST_CONTROL_PORT: u16 = 1234;
+/// What both tools print once their control port listens.
+const LISTENING: &str = "Control socket listening";
+/// The CID our device gives its guest.
+const DEVICE_GUEST_CID: u32 = 3;
+/// How long a host half may take to start listening, and to finish after its guest ended.
+const HOST_PATIENCE: Duration = Duration::from_secs(120);
+
+/// One pairing of the suite's halves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Pairing {
+    /// The C client against the C server in one guest (the lab's own baseline).
+    CBaseline,
+    /// Both halves ours, in one process, on the guest kernel's vsock_loopback.
+    Ours,
+    /// The C client against our server in one guest.
+    CClient,
+    /// Our client against the C server in one guest.
+    CServer,
+    /// Our host half on the device against the C client in a guest.
+    Device,
+}
+
+impl Pairing {
+    pub const ALL: [Pairing; 5] =
+        [Pairing::CBaseline, Pairing::Ours, Pairing::CClient, Pairing::CServer, Pairing::Device];
+
+    fn title(self) -> &'static str {
+        match self {
+            Pairing::CBaseline => "C client / C server (baseline), vsock_loopback",
+            Pairing::Ours => "ours / ours, vsock_loopback",
+            Pairing::CClient => "C client / our server, vsock_loopback",
+            Pairing::CServer => "our client / C server, vsock_loopback",
+            Pairing::Device => "C client in a guest / our device host server",
+        }
+    }
+
+    fn needs_ours_in_guest(self) -> bool {
+        matches!(self, Pairing::Ours | Pairing::CClient | Pairing::CServer)
+    }
+}
+
+/// How one pairing went.
+struct Ran {
+    pairing: Pairing,
+    passed: bool,
+    time: Duration,
+    /// What to show when it failed: exit statuses, outputs, the console.
+    failure: String,
+}
+
+pub fn run(guest: &Guest, only: &[Pairing]) -> Result<()> {
+    let pairings: Vec<Pairing> =
+        Pairing::ALL.into_iter().filter(|p| only.is_empty() || only.contains(p)).collect();
+    let lab = Lab::prepare()?;
+    let ctool = lab.vsock_test()?;
+    let ours_guest = if pairings.iter().any(|p| p.needs_ours_in_guest()) {
+        Some(build_static_binary("zerovsock-cli", "zerovsock")?)
+    } else {
+        None
+    };
+    let ours_host = if pairings.contains(&Pairing::Device) {
+        Some(build_host_binary("zerovsock-cli", "zerovsock")?)
+    } else {
+        None
+    };
+    println!(
+        "conformance: the kernel's vsock_test from {SOURCE_PACKAGE} {}; guest kernel {}",
+        ctool.version,
+        lab.kernel().package
+    );
+    let mut ran = Vec::new();
+    for pairing in pairings {
+        println!("\n== {}", pairing.title());
+        let started = Instant::now();
+        let result = match pairing {
+            Pairing::Device => {
+                let host = ours_host.as_deref().context("no host binary")?;
+                device(&lab, guest, &ctool, host)
+            }
+            _ => in_one_guest(&lab, guest, &ctool, ours_guest.as_deref(), pairing),
+        };
+        let (passed, failure) = match result {
+            Ok(failure) => (failure.is_none(), failure.unwrap_or_default()),
+            Err(error) => (false, format!("{error:#}")),
+        };
+        let time = started.elapsed();
+        println!("== {}: {} in {time:.1?}", pairing.title(), if passed { "PASS" } else { "FAIL" });
+        ran.push(Ran { pairing, passed, time, failure });
+    }
+    let failed: Vec<&Ran> = ran.iter().filter(|r| !r.passed).collect();
+    for r in &failed {
+        println!("\n== FAILED: {}\n{}", r.pairing.title(), r.failure);
+    }
+    println!("\nconformance pairings (vsock_test from {SOURCE_PACKAGE} {}):", ctool.version);
+    for r in &ran {
+        println!(
+            "  {:<4} {:>7.1?}  {}",
+            if r.passed { "PASS" } else { "FAIL" },
+            r.time,
+            r.pairing.title()
+        );
+    }
+    println!(
+        "conformance: {} passed, {} failed, {:.1?} in all",
+        ran.len() - failed.len(),
+        failed.len(),
+        ran.iter().map(|r| r.time).sum::<Duration>()
+    );
+    if !failed.is_empty() {
+        bail!("{} of {} conformance pairings failed", failed.len(), ran.len());
+    }
+    Ok(())
+}
+
+/// `vsock_test`'s command line on the guest's `vsock_loopback`.
+fn c_tool(mode: &str) -> String {
+    let host = if mode == "client" { " --control-host=127.0.0.1" } else { "" };
+    format!("/bin/vsock_test --mode={mode}{host} --control-port={GUEST_CONTROL_PORT} --peer-cid=1")
+}
+
+/// `zerovsock test`'s command line on the guest's `vsock_loopback`.
+fn ours(mode: &str) -> String {
+    let host = if mode == "client" { " --control-host 127.0.0.1" } else { "" };
+    format!(
+        "/bin/zerovsock test --transport kernel --mode {mode}{host} \
+         --control-port {GUEST_CONTROL_PORT} --peer-cid 1 --kernel-6.12"
+    )
+}
+
+/// The guest script for one pairing on `vsock_loopback`.
+fn script(pairing: Pairing) -> String {
+    match pairing {
+        Pairing::Ours => "/bin/zerovsock test --transport kernel\n".to_owned(),
+        Pairing::CBaseline => server_then_client(&c_tool("server"), &c_tool("client")),
+        Pairing::CClient => server_then_client(&ours("server"), &c_tool("client")),
+        Pairing::CServer => server_then_client(&c_tool("server"), &ours("client")),
+        Pairing::Device => unreachable!("the device pairing runs its server on the host"),
+    }
+}
+
+/// A script that starts `server` in the background, starts `client` once the server printed
+/// that its control port listens (never probing the port: the server would take the probe as
+/// its one control client), waits for both and succeeds only if both exited 0. The server's
+/// output is kept in a file and printed after the client's.
+fn server_then_client(server: &str, client: &str) -> String {
+    format!(
+        "{server} > /tmp/server.out 2>&1 &\n\
+         server=$!\n\
+         i=0\n\
+         while ! grep -q '{LISTENING}' /tmp/server.out; do\n\
+         \x20 kill -0 $server 2>/dev/null || break\n\
+         \x20 i=$((i+1)); [ $i -ge 600 ] && break\n\
+         \x20 sleep 0.1\n\
+         done\n\
+         echo '--- client: {client}'\n\
+         {client}\n\
+         client_status=$?\n\
+         wait $server\n\
+         server_status=$?\n\
+         echo '--- server: {server}'\n\
+         cat /tmp/server.out\n\
+         echo \"--- client exit $client_status, server exit $server_status\"\n\
+         [ $client_status -eq 0 ] && [ $server_status -eq 0 ]\n"
+    )
+}
+
+/// Runs a pairing in one guest; `Ok(Some(report))` when it failed.
+fn in_one_guest(
+    lab: &Lab,
+    guest: &Guest,
+    ctool: &CTool,
+    ours: Option<&Path>,
+    pairing: Pairing,
+) -> Result<Option<String>> {
+    let mut binaries = vec![ctool.path.clone()];
+    if pairing.needs_ours_in_guest() {
+        binaries.push(ours.context("zerovsock was not built for the guest")?.to_path_buf());
+    }
+    let outcome = lab.run(&binaries, &script(pairing), guest)?;
+    print!("{}", outcome.output);
+    println!(
+        "lab: boot {:.1?}, run {:.1?}, exit {}",
+        outcome.boot_time,
+        outcome.total_time.saturating_sub(outcome.boot_time),
+        outcome.exit
+    );
+    Ok((outcome.exit != 0).then(|| {
+        format!("guest script exit {}; the guest's console:\n{}", outcome.exit, outcome.console)
+    }))
+}
+
+/// The device pairing: our host half as a child process serving the guest's
+/// `vhost-user-vsock-pci`, the C client in the guest.
+fn device(lab: &Lab, guest: &Guest, ctool: &CTool, host_binary: &Path) -> Result<Option<String>> {
+    let dir = lab.workdir()?;
+    let socket = dir.join("vhost.sock");
+    let log_path = dir.join("host.log");
+    let port = free_port()?;
+    let mut host = spawn_host(host_binary, &socket, port, &log_path)?;
+    let result = device_guest(lab, guest, ctool, &socket, port, &log_path, &mut host);
+    let host_status = finish(&mut host, HOST_PATIENCE);
+    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+    println!("--- host: zerovsock test --transport device --mode server (control port {port})");
+    print!("{log}");
+    let host_part = match &host_status {
+        Ok(status) => format!("host exit {status}"),
+        Err(error) => format!("{error:#}"),
+    };
+    println!("--- {host_part}");
+    let guest_part = match &result {
+        Ok(o) if o.exit == 0 => None,
+        Ok(o) => Some(format!("guest script exit {}; the guest's console:\n{}", o.exit, o.console)),
+        Err(error) => Some(format!("the guest failed: {error:#}")),
+    };
+    let host_ok = host_status.as_ref().is_ok_and(ExitStatus::success);
+    if host_ok && guest_part.is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+        return Ok(None);
+    }
+    Ok(Some(format!(
+        "{host_part}; host output:\n{log}\n{}",
+        guest_part.unwrap_or_else(|| "the guest script exited 0".to_owned())
+    )))
+}
+
+fn device_guest(
+    lab: &Lab,
+    guest: &Guest,
+    ctool: &CTool,
+    socket: &Path,
+    port: u16,
+    log: &Path,
+    host: &mut Child,
+) -> Result<zerovsock_lab::Outcome> {
+    wait_listening(host, socket, log)?;
+    let script = format!(
+        "{USER_NET_UP}\
+         /bin/vsock_test --mode=client --control-host={HOST_FROM_GUEST} --control-port={port} \
+         --peer-cid=2\n"
+    );
+    let guest = Guest {
+        vhost_user_vsock: Some(socket.to_path_buf()),
+        net: Some(NetLink::User),
+        ..guest.clone()
+    };
+    let outcome = lab.run(std::slice::from_ref(&ctool.path), &script, &guest)?;
+    println!("--- guest: vsock_test --mode=client --control-host={HOST_FROM_GUEST} --peer-cid=2");
+    print!("{}", outcome.output);
+    println!(
+        "lab: boot {:.1?}, run {:.1?}, exit {}",
+        outcome.boot_time,
+        outcome.total_time.saturating_sub(outcome.boot_time),
+        outcome.exit
+    );
+    Ok(outcome)
+}
+
+fn spawn_host(binary: &Path, socket: &Path, port: u16, log: &Path) -> Result<Child> {
+    let out = File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    Command::new(binary)
+        .args(host_args(socket, port))
+        .stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .spawn()
+        .with_context(|| format!("starting {}", binary.display()))
+}
+
+/// Our host half's arguments: the device for guest CID 3 on `socket`, the control server on
+/// the host's loopback (which the guest reaches through QEMU's user network).
+fn host_args(socket: &Path, port: u16) -> Vec<String> {
+    let mut args: Vec<String> =
+        ["test", "--transport", "device", "--mode", "server", "--vhost-socket"]
+            .map(str::to_owned)
+            .into();
+    args.push(socket.display().to_string());
+    for (flag, value) in [
+        ("--guest-cid", DEVICE_GUEST_CID.to_string()),
+        ("--peer-cid", DEVICE_GUEST_CID.to_string()),
+        ("--control-host", "127.0.0.1".to_owned()),
+        ("--control-port", port.to_string()),
+    ] {
+        args.push(flag.to_owned());
+        args.push(value);
+    }
+    args.push("--kernel-6.12".to_owned());
+    args
+}
+
+/// Waits until the host half serves the vhost-user socket and its control port listens.
+fn wait_listening(host: &mut Child, socket: &Path, log: &Path) -> Result<()> {
+    let deadline = Instant::now() + HOST_PATIENCE;
+    loop {
+        let printed = std::fs::read_to_string(log).unwrap_or_default();
+        if socket.exists() && printed.contains(LISTENING) {
+            return Ok(());
+        }
+        if let Some(status) = host.try_wait()? {
+            bail!("the host half exited ({status}) before it listened");
+        }
+        if Instant::now() > deadline {
+            bail!("the host half did not listen within {HOST_PATIENCE:?}");
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits for the child to exit, killing it after `patience`.
+fn finish(child: &mut Child, patience: Duration) -> Result<ExitStatus> {
+    let deadline = Instant::now() + patience;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("the host half was still running {patience:?} after its guest ended; killed");
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_server_starts_first_and_the_port_is_never_probed() {
+        let text = server_then_client("SERVER", "CLIENT");
+        let server = text.find("SERVER > /tmp/server.out 2>&1 &").unwrap();
+        let waits = text.find(&format!("grep -q '{LISTENING}' /tmp/server.out")).unwrap();
+        let client = text.find("\nCLIENT\n").unwrap();
+        assert!(server < waits && waits < client);
+        assert!(!text.contains("nc "), "a probe would be taken as the control client");
+        assert!(text.contains("wait $server"));
+        assert!(text.trim_end().ends_with("[ $client_status -eq 0 ] && [ $server_status -eq 0 ]"));
+    }
+
+    #[test]
+    fn guest_pairings_use_the_6_12_list_on_vsock_loopback() {
+        let mixed = script(Pairing::CClient);
+        assert!(mixed.contains(
+            "/bin/zerovsock test --transport kernel --mode server --control-port 1234 \
+             --peer-cid 1 --kernel-6.12 >"
+        ));
+        assert!(mixed.contains(
+            "/bin/vsock_test --mode=client --control-host=127.0.0.1 --control-port=1234 \
+             --peer-cid=1\n"
+        ));
+        let reverse = script(Pairing::CServer);
+        assert!(reverse.starts_with("/bin/vsock_test --mode=server --control-port=1234"));
+        assert!(reverse.contains("--mode client --control-host 127.0.0.1"));
+        assert_eq!(script(Pairing::Ours), "/bin/zerovsock test --transport kernel\n");
+    }
+
+    #[test]
+    fn the_device_host_half_serves_guest_cid_3_on_the_host_loopback() {
+        let args = host_args(Path::new("/w/vhost.sock"), 40000).join(" ");
+        assert_eq!(
+            args,
+            "test --transport device --mode server --vhost-socket /w/vhost.sock --guest-cid 3 \
+             --peer-cid 3 --control-host 127.0.0.1 --control-port 40000 --kernel-6.12"
+        );
+    }
+}
