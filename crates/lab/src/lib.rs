@@ -8,6 +8,12 @@
 //! project's static binaries. Guests get no vsock device unless a vhost-user backend socket is
 //! named, so a guest's vsock traffic stays on its own `vsock_loopback` (CID 1).
 //!
+//! Guests reach the host only when asked: a `vhost-user-vsock-pci` device on a backend socket,
+//! a `-netdev socket` link to another guest, or QEMU's user network ([`NetLink::User`]), on
+//! which the guest reaches the host's 127.0.0.1 at [`HOST_FROM_GUEST`] once its script ran
+//! [`USER_NET_UP`]. For pairings with the kernel's own tests, [`Lab::vsock_test`] builds the C
+//! `vsock_test` from Debian's `linux-source-6.12` (cached per package version).
+//!
 //! A guest is marked twice — `zerovsock.lab=1` on its kernel command line and the file
 //! [`GUEST_MARKER`] — and [`in_lab_guest`] checks both, for tests that must refuse to run
 //! anywhere else.
