@@ -269,6 +269,9 @@ fn combine(
 ) -> (Status, Vec<String>) {
     let mut notes = Vec::new();
     let mut failures = Vec::new();
+    // A side that lost the channel after the other side's failure never reaches COMPLETED:
+    // that counts only when neither half failed.
+    let mut barriers = Vec::new();
     let mut skip = None;
     for (side, report) in [("client", client), ("server", server)] {
         let report = match report {
@@ -293,10 +296,11 @@ fn combine(
             None => failures.push(format!("{side}: no result")),
         }
         if let Err(e) = report.completed {
-            if failures.is_empty() {
-                failures.push(format!("{side}: COMPLETED barrier: {e}"));
-            }
+            barriers.push(format!("{side}: COMPLETED barrier: {e}"));
         }
+    }
+    if failures.is_empty() {
+        failures = barriers;
     }
     if !failures.is_empty() {
         (Status::Fail(failures.join("; ")), notes)
@@ -304,5 +308,39 @@ fn combine(
         (Status::Skip(why), notes)
     } else {
         (Status::Pass, notes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn side(status: Status, completed: Result<(), String>) -> Result<SideReport, String> {
+        let result = TestResult { id: 0, name: "t", status, notes: Vec::new(), seconds: 0.0 };
+        Ok(SideReport { results: vec![result], completed })
+    }
+
+    #[test]
+    fn a_failed_half_is_reported_alone_not_behind_the_other_sides_lost_barrier() {
+        // The server's half failed and dropped the control channel; the client passed its
+        // half and then lost the channel at the next barrier, so it never reached COMPLETED.
+        let client = side(Status::Pass, Err("not reached: a test failed".into()));
+        let server = side(
+            Status::Fail("recv: MSG_TRUNC doesn't work".into()),
+            Err("not reached: a test failed".into()),
+        );
+        let (status, _) = combine(client, server, 0);
+        assert_eq!(status, Status::Fail("server: recv: MSG_TRUNC doesn't work".into()));
+    }
+
+    #[test]
+    fn a_lost_final_barrier_fails_a_test_both_halves_passed() {
+        let client = side(Status::Pass, Ok(()));
+        let server = side(Status::Pass, Err("unexpected EOF on control socket".into()));
+        let (status, _) = combine(client, server, 0);
+        assert_eq!(
+            status,
+            Status::Fail("server: COMPLETED barrier: unexpected EOF on control socket".into())
+        );
     }
 }
