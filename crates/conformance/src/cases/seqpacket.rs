@@ -107,6 +107,15 @@ fn msg_trunc_server(ctx: &mut Ctx<'_>) -> Outcome {
         format!("MSG_TRUNC doesn't work: {} (expected {TRUNC_LEN})", meta.message_len)
     })?;
     ctx.check(meta.truncated(), || "MSG_TRUNC expected".into())?;
+    // The C tool stops here. A truncated read discards the rest of its message, so nothing
+    // more is there: EAGAIN, or end of stream once the client has closed (no control line,
+    // so the pairing is unchanged).
+    ctx.step("recv (MSG_DONTWAIT) after the truncated read");
+    let mut rest = [0u8; TRUNC_LEN];
+    let after = conn.recv(&mut rest, RecvFlags::DONTWAIT);
+    ctx.check(!matches!(after, Ok(meta) if meta.len > 0), || {
+        format!("the rest of the truncated message was kept: {after:?}")
+    })?;
     Ok(Verdict::default())
 }
 
