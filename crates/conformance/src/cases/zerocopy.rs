@@ -206,13 +206,27 @@ fn server(ctx: &mut Ctx<'_>, ty: SockType) -> Outcome {
         let len: usize = data.vecs.iter().map(|&(_, len)| len).sum();
         let mut buf = vec![0u8; len];
         ctx.step(&format!("case {}: read the data", index + 1));
-        let mut read = 0;
+        let (mut read, mut first) = (0, None);
         while read < len {
             match conn.recv(&mut buf[read..], RecvFlags::NONE) {
-                Ok(meta) if meta.len > 0 => read += meta.len,
+                Ok(meta) if meta.len > 0 => {
+                    first.get_or_insert(meta);
+                    read += meta.len;
+                }
                 // The C tool stops at end of stream or an error and compares hashes.
                 _ => break,
             }
+        }
+        // The client sent one message, so one SEQPACKET read returns all of it. The C tool's
+        // loop would also pass a stack that hands a message out in pieces, whose hash still
+        // matches; this half checks it too (no control line changes).
+        if let (SockType::Seqpacket, Some(meta)) = (ty, first) {
+            ctx.check(meta.len == len && meta.message_len == len, || {
+                format!(
+                    "read(2) returned {} bytes of the {len}-byte message (message length {})",
+                    meta.len, meta.message_len
+                )
+            })?;
         }
         let local = if data.sendmsg_errno == 0 { djb2(&buf) } else { 0 };
         let remote = ctx.read_ulong()?;
