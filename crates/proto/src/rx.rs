@@ -491,6 +491,20 @@ mod tests {
     }
 
     #[test]
+    fn a_small_message_is_not_appended_to_the_message_before_it() {
+        // `virtio_transport_recv_enqueue` never copies a packet onto a tail that has EOM: the
+        // two messages must still read back one by one.
+        let (mut queue, mut credit) = (RxQueue::default(), credit());
+        push(&mut queue, &mut credit, 1, 10, SeqFlags::EOM);
+        push(&mut queue, &mut credit, 2, 10, SeqFlags::EOM | SeqFlags::EOR);
+        let lease = queue.lease_message(1000).unwrap();
+        assert_eq!((lease.len(), lease.message_len(), lease.eor()), (10, 10, false));
+        assert!(queue.commit(&mut credit, &lease));
+        let lease = queue.lease_message(1000).unwrap();
+        assert_eq!((lease.payload().to_vec(), lease.eor()), (vec![2u8; 10], true));
+    }
+
+    #[test]
     fn message_read_truncates_and_discards_the_rest() {
         let (mut queue, mut credit) = (RxQueue::default(), credit());
         queue
