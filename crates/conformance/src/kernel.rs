@@ -5,7 +5,6 @@
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::os::fd::{AsFd, BorrowedFd};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use rustix::event::{PollFd, PollFlags, Timespec};
@@ -76,7 +75,7 @@ impl Peer for KernelPeer {
                 Kind::Seqpacket(socket.connect(addr)?)
             }
         };
-        Ok(Box::new(KernelConn { socket, nonblocking: AtomicBool::new(false) }))
+        Ok(Box::new(KernelConn::new(socket)))
     }
 
     fn listen(&self, ty: SockType, addr: Addr, backlog: u32) -> io::Result<Box<dyn Listener>> {
@@ -129,7 +128,7 @@ impl Listener for KernelListener {
             KernelListener::Stream(l) => l.accept().map(|(c, a)| (Kind::Stream(c), a))?,
             KernelListener::Seqpacket(l) => l.accept().map(|(c, a)| (Kind::Seqpacket(c), a))?,
         };
-        Ok((Box::new(KernelConn { socket, nonblocking: AtomicBool::new(false) }), peer))
+        Ok((Box::new(KernelConn::new(socket)), peer))
     }
 }
 
@@ -148,125 +147,24 @@ fn poll_fd(fd: BorrowedFd<'_>, events: PollFlags, timeout: Duration) -> io::Resu
     }
 }
 
-enum Kind {
-    Stream(VsockStream),
-    Seqpacket(VsockSeqpacket),
-}
-
-/// Calls the same method on whichever socket type `$conn` holds.
-macro_rules! either {
-    ($conn:expr, $s:ident => $call:expr) => {
-        match &$conn.socket {
-            Kind::Stream($s) => $call,
-            Kind::Seqpacket($s) => $call,
-        }
-    };
-}
-
-struct KernelConn {
-    socket: Kind,
-    /// O_NONBLOCK as the test set it; MSG_DONTWAIT sets it for one call only.
-    nonblocking: AtomicBool,
-}
+family_conn!(KernelConn, VsockStream, VsockSeqpacket);
 
 impl KernelConn {
     fn fd(&self) -> BorrowedFd<'_> {
         either!(self, s => s.as_fd())
     }
-
-    /// Runs `call` non-blocking when `dontwait`, as MSG_DONTWAIT does.
-    fn dontwait<T>(&self, dontwait: bool, call: impl FnOnce() -> T) -> io::Result<T> {
-        if !dontwait || self.nonblocking.load(Ordering::Relaxed) {
-            return Ok(call());
-        }
-        either!(self, s => s.set_nonblocking(true))?;
-        let result = call();
-        either!(self, s => s.set_nonblocking(false))?;
-        Ok(result)
-    }
 }
 
 impl Conn for KernelConn {
-    fn send(&self, buf: &[u8], eor: bool) -> io::Result<usize> {
-        match &self.socket {
-            Kind::Stream(s) => (&*s).write(buf),
-            Kind::Seqpacket(s) if eor => s.send_eor(buf),
-            Kind::Seqpacket(s) => s.send(buf),
-        }
-    }
+    forward_conn_methods!();
 
     fn send_zerocopy(&self, bufs: Vec<ZcBuf>) -> io::Result<usize> {
         either!(self, s => s.send_zerocopy_vectored(bufs))
     }
 
-    fn recv(&self, buf: &mut [u8], flags: RecvFlags) -> io::Result<RecvMeta> {
-        self.dontwait(flags.dontwait, || match &self.socket {
-            Kind::Stream(s) => {
-                let len = if flags.peek { s.peek(buf)? } else { (&*s).read(buf)? };
-                Ok(RecvMeta { len, message_len: len, eor: false })
-            }
-            Kind::Seqpacket(s) if flags.peek => s.peek(buf),
-            Kind::Seqpacket(s) => s.recv(buf),
-        })?
-    }
-
-    fn shutdown(&self, how: Shutdown) -> io::Result<()> {
-        either!(self, s => s.shutdown(how))
-    }
-
-    fn poll(&self, interest: Interest, timeout: Option<Duration>) -> io::Result<Readiness> {
-        either!(self, s => s.poll(interest, timeout))
-    }
-
     fn wait_remote_close(&self, timeout: Duration) -> io::Result<bool> {
         let events = poll_fd(self.fd(), PollFlags::RDHUP | PollFlags::HUP, timeout)?;
         Ok(events.intersects(PollFlags::RDHUP | PollFlags::HUP))
-    }
-
-    fn set_rcvlowat(&self, bytes: u32) -> io::Result<()> {
-        either!(self, s => s.set_rcvlowat(bytes))
-    }
-
-    fn set_buffer_size(&self, bytes: u64) -> io::Result<()> {
-        either!(self, s => s.set_buffer_size(bytes))
-    }
-
-    fn set_buffer_max_size(&self, bytes: u64) -> io::Result<()> {
-        either!(self, s => s.set_buffer_max_size(bytes))
-    }
-
-    fn buffer_size(&self) -> io::Result<u64> {
-        either!(self, s => s.buffer_size())
-    }
-
-    fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
-        either!(self, s => s.set_read_timeout(timeout))
-    }
-
-    fn read_timeout(&self) -> io::Result<Option<Duration>> {
-        either!(self, s => s.read_timeout())
-    }
-
-    fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
-        either!(self, s => s.set_write_timeout(timeout))
-    }
-
-    fn set_nonblocking(&self, nonblocking: bool) -> io::Result<()> {
-        either!(self, s => s.set_nonblocking(nonblocking))?;
-        self.nonblocking.store(nonblocking, Ordering::Relaxed);
-        Ok(())
-    }
-
-    fn set_zerocopy(&self, enabled: bool) -> io::Result<()> {
-        either!(self, s => s.set_zerocopy(enabled))
-    }
-
-    fn zerocopy(&self) -> io::Result<bool> {
-        either!(self, s => s.zerocopy())
-    }
-
-    fn recv_completion(&self) -> io::Result<Completion> {
-        either!(self, s => s.recv_completion())
     }
 
     fn unsent_bytes(&self) -> io::Result<usize> {

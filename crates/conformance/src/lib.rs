@@ -37,6 +37,9 @@
 
 #![forbid(unsafe_code)]
 
+#[macro_use]
+mod family;
+
 pub mod cases;
 pub mod control;
 pub mod kernel;

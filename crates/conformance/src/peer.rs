@@ -153,6 +153,12 @@ pub trait Conn: Send + Sync {
     /// SO_VM_SOCKETS_BUFFER_SIZE (get).
     fn buffer_size(&self) -> io::Result<u64>;
 
+    /// SO_VM_SOCKETS_BUFFER_MAX_SIZE (get).
+    fn buffer_max_size(&self) -> io::Result<u64>;
+
+    /// SO_RCVLOWAT (get).
+    fn rcvlowat(&self) -> io::Result<u32>;
+
     /// SO_RCVTIMEO (set).
     fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()>;
 

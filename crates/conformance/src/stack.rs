@@ -3,7 +3,6 @@
 
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 use std::thread::{self, Thread};
@@ -150,75 +149,14 @@ fn wait_for<T>(timeout: Duration, mut poll: impl FnMut(&mut Context<'_>) -> Poll
     }
 }
 
-enum Kind {
-    Stream(VsockStream),
-    Seqpacket(VsockSeqpacket),
-}
-
-/// Calls the same method on whichever socket type `$conn` holds.
-macro_rules! either {
-    ($conn:expr, $s:ident => $call:expr) => {
-        match &$conn.socket {
-            Kind::Stream($s) => $call,
-            Kind::Seqpacket($s) => $call,
-        }
-    };
-}
-
-struct StackConn {
-    socket: Kind,
-    /// O_NONBLOCK as the test set it; MSG_DONTWAIT sets it for one call only.
-    nonblocking: AtomicBool,
-}
-
-impl StackConn {
-    fn new(socket: Kind) -> StackConn {
-        StackConn { socket, nonblocking: AtomicBool::new(false) }
-    }
-
-    /// Runs `call` non-blocking when `dontwait`, as MSG_DONTWAIT does.
-    fn dontwait<T>(&self, dontwait: bool, call: impl FnOnce() -> T) -> io::Result<T> {
-        if !dontwait || self.nonblocking.load(Ordering::Relaxed) {
-            return Ok(call());
-        }
-        either!(self, s => s.set_nonblocking(true))?;
-        let result = call();
-        either!(self, s => s.set_nonblocking(false))?;
-        Ok(result)
-    }
-}
+family_conn!(StackConn, VsockStream, VsockSeqpacket);
 
 impl Conn for StackConn {
-    fn send(&self, buf: &[u8], eor: bool) -> io::Result<usize> {
-        match &self.socket {
-            Kind::Stream(s) => (&*s).write(buf),
-            Kind::Seqpacket(s) if eor => s.send_eor(buf),
-            Kind::Seqpacket(s) => s.send(buf),
-        }
-    }
+    forward_conn_methods!();
 
     fn send_zerocopy(&self, bufs: Vec<ZcBuf>) -> io::Result<usize> {
         let bufs = bufs.into_iter().map(|b| Bytes::from(b.data).slice(b.offset..));
         either!(self, s => s.send_zerocopy_vectored(bufs))
-    }
-
-    fn recv(&self, buf: &mut [u8], flags: RecvFlags) -> io::Result<RecvMeta> {
-        self.dontwait(flags.dontwait, || match &self.socket {
-            Kind::Stream(s) => {
-                let len = if flags.peek { s.peek(buf)? } else { (&*s).read(buf)? };
-                Ok(RecvMeta { len, message_len: len, eor: false })
-            }
-            Kind::Seqpacket(s) if flags.peek => s.peek(buf),
-            Kind::Seqpacket(s) => s.recv(buf),
-        })?
-    }
-
-    fn shutdown(&self, how: Shutdown) -> io::Result<()> {
-        either!(self, s => s.shutdown(how))
-    }
-
-    fn poll(&self, interest: Interest, timeout: Option<Duration>) -> io::Result<Readiness> {
-        either!(self, s => s.poll(interest, timeout))
     }
 
     fn wait_remote_close(&self, timeout: Duration) -> io::Result<bool> {
@@ -235,52 +173,6 @@ impl Conn for StackConn {
             // Readable with data but not closed yet: look again shortly.
             thread::sleep(Duration::from_millis(1));
         }
-    }
-
-    fn set_rcvlowat(&self, bytes: u32) -> io::Result<()> {
-        either!(self, s => s.set_rcvlowat(bytes))
-    }
-
-    fn set_buffer_size(&self, bytes: u64) -> io::Result<()> {
-        either!(self, s => s.set_buffer_size(bytes)).map(drop)
-    }
-
-    fn set_buffer_max_size(&self, bytes: u64) -> io::Result<()> {
-        either!(self, s => s.set_buffer_max_size(bytes)).map(drop)
-    }
-
-    fn buffer_size(&self) -> io::Result<u64> {
-        either!(self, s => s.buffer_size())
-    }
-
-    fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
-        either!(self, s => s.set_read_timeout(timeout))
-    }
-
-    fn read_timeout(&self) -> io::Result<Option<Duration>> {
-        either!(self, s => s.read_timeout())
-    }
-
-    fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
-        either!(self, s => s.set_write_timeout(timeout))
-    }
-
-    fn set_nonblocking(&self, nonblocking: bool) -> io::Result<()> {
-        either!(self, s => s.set_nonblocking(nonblocking))?;
-        self.nonblocking.store(nonblocking, Ordering::Relaxed);
-        Ok(())
-    }
-
-    fn set_zerocopy(&self, enabled: bool) -> io::Result<()> {
-        either!(self, s => s.set_zerocopy(enabled))
-    }
-
-    fn zerocopy(&self) -> io::Result<bool> {
-        either!(self, s => s.zerocopy())
-    }
-
-    fn recv_completion(&self) -> io::Result<Completion> {
-        either!(self, s => s.recv_completion())
     }
 
     fn unsent_bytes(&self) -> io::Result<usize> {

@@ -85,6 +85,16 @@ macro_rules! common_options {
             self.inner.vsock_u64(sys::SO_VM_SOCKETS_BUFFER_SIZE)
         }
 
+        /// SO_VM_SOCKETS_BUFFER_MIN_SIZE.
+        pub fn buffer_min_size(&self) -> io::Result<u64> {
+            self.inner.vsock_u64(sys::SO_VM_SOCKETS_BUFFER_MIN_SIZE)
+        }
+
+        /// SO_VM_SOCKETS_BUFFER_MAX_SIZE.
+        pub fn buffer_max_size(&self) -> io::Result<u64> {
+            self.inner.vsock_u64(sys::SO_VM_SOCKETS_BUFFER_MAX_SIZE)
+        }
+
         /// The local address.
         pub fn local_addr(&self) -> io::Result<Addr> {
             sys::local_addr(self.inner.fd())
@@ -278,6 +288,13 @@ macro_rules! connected {
             pub fn set_rcvlowat(&self, bytes: u32) -> io::Result<()> {
                 let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
                 sys::set_option(self.inner.fd(), libc::SOL_SOCKET, libc::SO_RCVLOWAT, value)
+            }
+
+            /// SO_RCVLOWAT.
+            pub fn rcvlowat(&self) -> io::Result<u32> {
+                let value: libc::c_int =
+                    sys::option(self.inner.fd(), libc::SOL_SOCKET, libc::SO_RCVLOWAT)?;
+                Ok(u32::try_from(value).unwrap_or(0))
             }
 
             /// SO_ZEROCOPY. EOPNOTSUPP where the transport has no zerocopy, and on accepted

@@ -519,9 +519,13 @@ impl Inner {
         self.shared.with(|e, _| e.set_buffer_max_size(self.id, size)).map_err(error::option)
     }
 
-    pub(crate) fn buffer_size(&self) -> io::Result<u64> {
-        let sizes = self.shared.lock().engine.buffer_sizes(self.id).map_err(error::option)?;
-        Ok(sizes.0)
+    /// SO_VM_SOCKETS_BUFFER_SIZE, _MIN_SIZE and _MAX_SIZE.
+    pub(crate) fn buffer_sizes(&self) -> io::Result<(u64, u64, u64)> {
+        self.shared.lock().engine.buffer_sizes(self.id).map_err(error::option)
+    }
+
+    pub(crate) fn rcvlowat(&self) -> io::Result<u32> {
+        self.shared.lock().engine.rcvlowat(self.id).map_err(error::option)
     }
 
     pub(crate) fn set_rcvlowat(&self, bytes: u32) -> io::Result<()> {

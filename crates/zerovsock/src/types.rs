@@ -99,7 +99,17 @@ macro_rules! buffer_options {
 
         /// The receive buffer size in force.
         pub fn buffer_size(&self) -> io::Result<u64> {
-            self.inner.buffer_size()
+            self.inner.buffer_sizes().map(|(size, _, _)| size)
+        }
+
+        /// SO_VM_SOCKETS_BUFFER_MIN_SIZE.
+        pub fn buffer_min_size(&self) -> io::Result<u64> {
+            self.inner.buffer_sizes().map(|(_, min, _)| min)
+        }
+
+        /// SO_VM_SOCKETS_BUFFER_MAX_SIZE.
+        pub fn buffer_max_size(&self) -> io::Result<u64> {
+            self.inner.buffer_sizes().map(|(_, _, max)| max)
         }
 
         /// The local address.
@@ -301,6 +311,11 @@ macro_rules! connected {
             /// SO_RCVLOWAT: reads wake once this many bytes are queued.
             pub fn set_rcvlowat(&self, bytes: u32) -> io::Result<()> {
                 self.inner.set_rcvlowat(bytes)
+            }
+
+            /// SO_RCVLOWAT.
+            pub fn rcvlowat(&self) -> io::Result<u32> {
+                self.inner.rcvlowat()
             }
 
             /// SO_ZEROCOPY: without it, zerocopy sends are plain copies with no completion.

@@ -241,6 +241,30 @@ impl<'a> Ctx<'a> {
         Ok(conn)
     }
 
+    /// `setsockopt_int_check(SO_RCVLOWAT)`: sets it and reads it back.
+    fn set_rcvlowat(&self, conn: &dyn Conn, bytes: u32) -> Result<(), Failure> {
+        self.step("setsockopt(SO_RCVLOWAT)");
+        self.io(conn.set_rcvlowat(bytes))?;
+        let got = self.io(conn.rcvlowat())?;
+        self.check(got == bytes, || format!("value mismatch: set {bytes} got {got}"))
+    }
+
+    /// `setsockopt_ull_check(SO_VM_SOCKETS_BUFFER_SIZE)`: sets it and reads it back.
+    fn set_buffer_size(&self, conn: &dyn Conn, bytes: u64) -> Result<(), Failure> {
+        self.step("setsockopt(SO_VM_SOCKETS_BUFFER_SIZE)");
+        self.io(conn.set_buffer_size(bytes))?;
+        let got = self.io(conn.buffer_size())?;
+        self.check(got == bytes, || format!("value mismatch: set {bytes} got {got}"))
+    }
+
+    /// `setsockopt_ull_check(SO_VM_SOCKETS_BUFFER_MAX_SIZE)`: sets it and reads it back.
+    fn set_buffer_max_size(&self, conn: &dyn Conn, bytes: u64) -> Result<(), Failure> {
+        self.step("setsockopt(SO_VM_SOCKETS_BUFFER_MAX_SIZE)");
+        self.io(conn.set_buffer_max_size(bytes))?;
+        let got = self.io(conn.buffer_max_size())?;
+        self.check(got == bytes, || format!("value mismatch: set {bytes} got {got}"))
+    }
+
     /// `send_buf`: sends all of `buf` (several calls for STREAM) and checks the result:
     /// `Ok(n)` bytes, or the errno.
     fn send_buf(

@@ -3,8 +3,8 @@
 use std::time::{Duration, Instant};
 
 use super::stream::{
-    check_buffer_size, invalid_buffer_client, invalid_buffer_server, msg_peek_client,
-    msg_peek_server, unsent_bytes_client, unsent_bytes_server,
+    invalid_buffer_client, invalid_buffer_server, msg_peek_client, msg_peek_server,
+    unsent_bytes_client, unsent_bytes_server,
 };
 use super::{djb2, errno, Case, Ctx, Expect, Half, Outcome, Verdict};
 use crate::list::KERNEL_6_12 as NAMES;
@@ -25,11 +25,8 @@ const SOCK_BUF_SIZE: u64 = 2 * 1024 * 1024;
 const MAX_MSG_PAGES: usize = 4;
 
 fn big_buffers(ctx: &Ctx<'_>, conn: &dyn crate::peer::Conn) -> Result<(), super::Failure> {
-    ctx.step("setsockopt(SO_VM_SOCKETS_BUFFER_MAX_SIZE)");
-    ctx.io(conn.set_buffer_max_size(SOCK_BUF_SIZE))?;
-    ctx.step("setsockopt(SO_VM_SOCKETS_BUFFER_SIZE)");
-    ctx.io(conn.set_buffer_size(SOCK_BUF_SIZE))?;
-    check_buffer_size(ctx, conn, SOCK_BUF_SIZE)
+    ctx.set_buffer_max_size(conn, SOCK_BUF_SIZE)?;
+    ctx.set_buffer_size(conn, SOCK_BUF_SIZE)
 }
 
 fn msg_bounds_client(ctx: &mut Ctx<'_>) -> Outcome {
