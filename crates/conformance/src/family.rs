@@ -63,7 +63,7 @@ macro_rules! forward_conn_methods {
             self.dontwait(flags.dontwait, || match &self.socket {
                 Kind::Stream(s) => {
                     let len = if flags.peek { s.peek(buf)? } else { (&*s).read(buf)? };
-                    Ok(RecvMeta { len, message_len: len, eor: false })
+                    Ok(RecvMeta { len, message_len: len, eor: false, truncated: false })
                 }
                 Kind::Seqpacket(s) if flags.peek => s.peek(buf),
                 Kind::Seqpacket(s) => s.recv(buf),

@@ -466,6 +466,17 @@ impl Write for VsockStream {
     }
 }
 
+/// What a `recvmsg` with MSG_TRUNC into `room` bytes returned: `n` (the whole message) and
+/// `msg_flags`.
+fn meta(room: usize, n: usize, flags: i32) -> RecvMeta {
+    RecvMeta {
+        len: n.min(room),
+        message_len: n,
+        eor: flags & libc::MSG_EOR != 0,
+        truncated: flags & libc::MSG_TRUNC != 0,
+    }
+}
+
 impl VsockSeqpacket {
     /// Sends one message.
     pub fn send(&self, buf: &[u8]) -> io::Result<usize> {
@@ -480,12 +491,12 @@ impl VsockSeqpacket {
     /// Receives one message (MSG_TRUNC reports its full length).
     pub fn recv(&self, buf: &mut [u8]) -> io::Result<RecvMeta> {
         let (n, flags) = sys::recv(self.inner.fd(), buf, libc::MSG_TRUNC)?;
-        Ok(RecvMeta { len: n.min(buf.len()), message_len: n, eor: flags & libc::MSG_EOR != 0 })
+        Ok(meta(buf.len(), n, flags))
     }
 
     /// Looks at the next message without consuming it.
     pub fn peek(&self, buf: &mut [u8]) -> io::Result<RecvMeta> {
         let (n, flags) = sys::recv(self.inner.fd(), buf, libc::MSG_PEEK | libc::MSG_TRUNC)?;
-        Ok(RecvMeta { len: n.min(buf.len()), message_len: n, eor: flags & libc::MSG_EOR != 0 })
+        Ok(meta(buf.len(), n, flags))
     }
 }

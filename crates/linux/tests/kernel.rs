@@ -548,7 +548,7 @@ fn basic_socket_rules() {
     sender.send_eor(&[3u8; 32]).unwrap();
     let mut small = [0u8; 16];
     let meta = receiver.recv(&mut small).unwrap();
-    assert_eq!((meta.len, meta.message_len, meta.truncated(), meta.eor), (16, 32, true, true));
+    assert_eq!((meta.len, meta.message_len, meta.truncated, meta.eor), (16, 32, true, true));
     let big = vec![0u8; receiver.buffer_size().unwrap() as usize + 1];
     assert_eq!(errno(sender.send(&big)), libc::EMSGSIZE);
     let _ = VsockSocket::stream().unwrap();

@@ -47,13 +47,10 @@ pub struct RecvMeta {
     pub message_len: usize,
     /// The message was sent with MSG_EOR (SEQPACKET).
     pub eor: bool,
-}
-
-impl RecvMeta {
-    /// Bytes were discarded because the buffer was smaller than the message (MSG_TRUNC).
-    pub fn truncated(&self) -> bool {
-        self.message_len > self.len
-    }
+    /// Bytes were discarded because the buffer was smaller than the message (MSG_TRUNC in
+    /// `msg_flags`). Reported by the stack that received, not derived from the lengths, so a
+    /// stack that loses the flag is seen.
+    pub truncated: bool,
 }
 
 /// One connection's receive queue, as Linux accounts it.

@@ -282,7 +282,8 @@ impl Inner {
     /// Copies a lease out (without the engine lock), then consumes it unless peeking.
     fn finish_recv(&self, lease: RecvLease, buf: &mut [u8], peek: bool) -> RecvMeta {
         let len = lease.copy_to(buf);
-        let meta = RecvMeta { len, message_len: lease.message_len(), eor: lease.eor() };
+        let message_len = lease.message_len();
+        let meta = RecvMeta { len, message_len, eor: lease.eor(), truncated: message_len > len };
         if !peek {
             self.shared.with(|engine, _| engine.commit_recv(self.id, lease));
         }
@@ -321,7 +322,7 @@ impl Inner {
             }
             target = Some(Some(left - read.len));
         }
-        Ok(RecvMeta { len: copied, message_len: copied, eor: false })
+        Ok(RecvMeta { len: copied, message_len: copied, eor: false, truncated: false })
     }
 
     /// Asynchronous accept.

@@ -222,7 +222,7 @@ fn seqpacket_message_bounds_and_eor() {
     let mut buf = vec![0u8; 5 * 4096];
     for (data, eor) in &expected {
         let meta = server.recv(&mut buf).unwrap();
-        assert_eq!((meta.len, meta.eor, meta.truncated()), (data.len(), *eor, false));
+        assert_eq!((meta.len, meta.eor, meta.truncated), (data.len(), *eor, false));
         assert_eq!(djb2(&buf[..meta.len]), djb2(data));
     }
     drop(sender.join().unwrap());
@@ -235,7 +235,7 @@ fn seqpacket_truncation_reports_the_full_length() {
     client.send(&[7u8; 32]).unwrap();
     let mut small = [0u8; 16];
     let meta = server.recv(&mut small).unwrap();
-    assert_eq!((meta.len, meta.message_len, meta.truncated()), (16, 32, true));
+    assert_eq!((meta.len, meta.message_len, meta.truncated), (16, 32, true));
     client.send(b"next").unwrap();
     assert_eq!(server.recv(&mut small).unwrap().len, 4, "the rest of the first was discarded");
 }
