@@ -249,7 +249,7 @@ fn device(lab: &Lab, guest: &Guest, ctool: &CTool, host_binary: &Path) -> Result
     println!("--- host: zerovsock test --transport device --mode server (control port {port})");
     print!("{log}");
     let host_part = match &host_status {
-        Ok(status) => format!("host exit {status}"),
+        Ok(status) => format!("host {status}"),
         Err(error) => format!("{error:#}"),
     };
     println!("--- {host_part}");
