@@ -11,7 +11,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-use crate::setup::{have, installed, run, run_fetching};
+use crate::setup::{apt_install, have, installed, run, run_fetching};
 
 /// The Debian package with the kernel's source.
 pub const SOURCE_PACKAGE: &str = "linux-source-6.12";
@@ -94,18 +94,7 @@ pub fn ensure_build_tools() -> Result<()> {
     if !have("xz") {
         missing.push("xz-utils");
     }
-    if missing.is_empty() {
-        return Ok(());
-    }
-    eprintln!("lab: installing {}", missing.join(" "));
-    run_fetching(Command::new("apt-get").arg("update").arg("-qq"))?;
-    run_fetching(
-        Command::new("apt-get")
-            .args(["install", "-y", "-qq", "--no-install-recommends"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )?;
-    Ok(())
+    apt_install(&missing)
 }
 
 /// The `tar` arguments that extract only [`MEMBERS`] of `tarball` into `into`.

@@ -75,15 +75,20 @@ pub fn ensure_packages() -> Result<()> {
     if !Path::new(BUSYBOX).exists() || !installed("busybox-static") {
         missing.push("busybox-static");
     }
-    if missing.is_empty() {
+    apt_install(&missing)
+}
+
+/// Installs Debian packages with apt-get (none: nothing to do).
+pub(crate) fn apt_install(packages: &[&str]) -> Result<()> {
+    if packages.is_empty() {
         return Ok(());
     }
-    eprintln!("lab: installing {}", missing.join(" "));
+    eprintln!("lab: installing {}", packages.join(" "));
     run_fetching(Command::new("apt-get").arg("update").arg("-qq"))?;
     run_fetching(
         Command::new("apt-get")
             .args(["install", "-y", "-qq", "--no-install-recommends"])
-            .args(&missing)
+            .args(packages)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )?;
     Ok(())
