@@ -9,7 +9,9 @@
 //! * `c-server`: our client against the C server;
 //! * `device`: our host half on the device's native sockets (`zerovsock test --transport
 //!   device --mode server`, a host process serving `vhost-user-vsock-pci`) against the C
-//!   client in a guest, whose control connection reaches the host through QEMU's user network.
+//!   client in a guest, whose control connection reaches the host through QEMU's user network;
+//! * `device-ours`: the same host half against our client on the guest kernel's `AF_VSOCK`,
+//!   the whole list (the later tests and io_uring included) through the device.
 //!
 //! The server side always starts first and the client is started only once the server printed
 //! `Control socket listening` (both tools print it once the control port listens). Nothing
@@ -63,11 +65,19 @@ pub enum Pairing {
     CServer,
     /// Our host half on the device against the C client in a guest.
     Device,
+    /// Our host half on the device against our client on the kernel in a guest, whole list.
+    DeviceOurs,
 }
 
 impl Pairing {
-    pub const ALL: [Pairing; 5] =
-        [Pairing::CBaseline, Pairing::Ours, Pairing::CClient, Pairing::CServer, Pairing::Device];
+    pub const ALL: [Pairing; 6] = [
+        Pairing::CBaseline,
+        Pairing::Ours,
+        Pairing::CClient,
+        Pairing::CServer,
+        Pairing::Device,
+        Pairing::DeviceOurs,
+    ];
 
     fn title(self) -> &'static str {
         match self {
@@ -76,11 +86,18 @@ impl Pairing {
             Pairing::CClient => "C client / our server, vsock_loopback",
             Pairing::CServer => "our client / C server, vsock_loopback",
             Pairing::Device => "C client in a guest / our device host server",
+            Pairing::DeviceOurs => {
+                "our kernel client in a guest / our device host server, whole list"
+            }
         }
     }
 
     fn needs_ours_in_guest(self) -> bool {
-        matches!(self, Pairing::Ours | Pairing::CClient | Pairing::CServer)
+        matches!(self, Pairing::Ours | Pairing::CClient | Pairing::CServer | Pairing::DeviceOurs)
+    }
+
+    fn on_device(self) -> bool {
+        matches!(self, Pairing::Device | Pairing::DeviceOurs)
     }
 }
 
@@ -104,7 +121,7 @@ pub fn run(guest: &Guest, only: &[Pairing]) -> Result<()> {
     } else {
         None
     };
-    let ours_host = if pairings.contains(&Pairing::Device) {
+    let ours_host = if pairings.iter().any(|p| p.on_device()) {
         Some(build_host_binary("zerovsock-cli", "zerovsock")?)
     } else {
         None
@@ -119,9 +136,13 @@ pub fn run(guest: &Guest, only: &[Pairing]) -> Result<()> {
         println!("\n== {}", pairing.title());
         let started = Instant::now();
         let result = match pairing {
-            Pairing::Device => {
+            Pairing::Device | Pairing::DeviceOurs => {
                 let host = ours_host.as_deref().context("no host binary")?;
-                device(&lab, guest, &ctool, host)
+                let client = match pairing {
+                    Pairing::Device => &ctool.path,
+                    _ => ours_guest.as_deref().context("zerovsock was not built for the guest")?,
+                };
+                device(&lab, guest, pairing, client, host)
             }
             _ => in_one_guest(&lab, guest, &ctool, ours_guest.as_deref(), pairing),
         };
@@ -180,7 +201,9 @@ fn script(pairing: Pairing) -> String {
         Pairing::CBaseline => server_then_client(&c_tool("server"), &c_tool("client")),
         Pairing::CClient => server_then_client(&ours("server"), &c_tool("client")),
         Pairing::CServer => server_then_client(&c_tool("server"), &ours("client")),
-        Pairing::Device => unreachable!("the device pairing runs its server on the host"),
+        Pairing::Device | Pairing::DeviceOurs => {
+            unreachable!("the device pairings run their server on the host")
+        }
     }
 }
 
@@ -235,15 +258,24 @@ fn in_one_guest(
     }))
 }
 
-/// The device pairing: our host half as a child process serving the guest's
-/// `vhost-user-vsock-pci`, the C client in the guest.
-fn device(lab: &Lab, guest: &Guest, ctool: &CTool, host_binary: &Path) -> Result<Option<String>> {
+/// A device pairing: our host half as a child process serving the guest's
+/// `vhost-user-vsock-pci`, and in the guest the C client (`Device`, the 6.12 list) or ours on
+/// the kernel (`DeviceOurs`, the whole list); `client` is its binary.
+fn device(
+    lab: &Lab,
+    guest: &Guest,
+    pairing: Pairing,
+    client: &Path,
+    host_binary: &Path,
+) -> Result<Option<String>> {
+    let whole_list = pairing == Pairing::DeviceOurs;
     let dir = lab.workdir()?;
     let socket = dir.join("vhost.sock");
     let log_path = dir.join("host.log");
     let port = free_port()?;
-    let mut host = spawn_host(host_binary, &socket, port, &log_path)?;
-    let result = device_guest(lab, guest, ctool, &socket, port, &log_path, &mut host);
+    let mut host = spawn_host(host_binary, host_args(&socket, port, whole_list), &log_path)?;
+    let command = device_client(pairing, port);
+    let result = device_guest(lab, guest, client, &command, &socket, &log_path, &mut host);
     let host_status = finish(&mut host, HOST_PATIENCE);
     let log = std::fs::read_to_string(&log_path).unwrap_or_default();
     println!("--- host: zerovsock test --transport device --mode server (control port {port})");
@@ -269,28 +301,39 @@ fn device(lab: &Lab, guest: &Guest, ctool: &CTool, host_binary: &Path) -> Result
     )))
 }
 
+/// The guest's client command of a device pairing: its control connection reaches the host's
+/// loopback through QEMU's user network; the host is CID 2.
+fn device_client(pairing: Pairing, port: u16) -> String {
+    match pairing {
+        Pairing::DeviceOurs => format!(
+            "/bin/zerovsock test --transport kernel --mode client \
+             --control-host {HOST_FROM_GUEST} --control-port {port} --peer-cid 2"
+        ),
+        _ => format!(
+            "/bin/vsock_test --mode=client --control-host={HOST_FROM_GUEST} \
+             --control-port={port} --peer-cid=2"
+        ),
+    }
+}
+
 fn device_guest(
     lab: &Lab,
     guest: &Guest,
-    ctool: &CTool,
+    client: &Path,
+    command: &str,
     socket: &Path,
-    port: u16,
     log: &Path,
     host: &mut Child,
 ) -> Result<zerovsock_lab::Outcome> {
     wait_listening(host, socket, log)?;
-    let script = format!(
-        "{USER_NET_UP}\
-         /bin/vsock_test --mode=client --control-host={HOST_FROM_GUEST} --control-port={port} \
-         --peer-cid=2\n"
-    );
+    let script = format!("{USER_NET_UP}{command}\n");
     let guest = Guest {
         vhost_user_vsock: Some(socket.to_path_buf()),
         net: Some(NetLink::User),
         ..guest.clone()
     };
-    let outcome = lab.run(std::slice::from_ref(&ctool.path), &script, &guest)?;
-    println!("--- guest: vsock_test --mode=client --control-host={HOST_FROM_GUEST} --peer-cid=2");
+    let outcome = lab.run(&[client.to_path_buf()], &script, &guest)?;
+    println!("--- guest: {command}");
     print!("{}", outcome.output);
     println!(
         "lab: boot {:.1?}, run {:.1?}, exit {}",
@@ -301,10 +344,10 @@ fn device_guest(
     Ok(outcome)
 }
 
-fn spawn_host(binary: &Path, socket: &Path, port: u16, log: &Path) -> Result<Child> {
+fn spawn_host(binary: &Path, args: Vec<String>, log: &Path) -> Result<Child> {
     let out = File::create(log).with_context(|| format!("creating {}", log.display()))?;
     Command::new(binary)
-        .args(host_args(socket, port))
+        .args(args)
         .stdin(Stdio::null())
         .stdout(out.try_clone()?)
         .stderr(out)
@@ -313,8 +356,9 @@ fn spawn_host(binary: &Path, socket: &Path, port: u16, log: &Path) -> Result<Chi
 }
 
 /// Our host half's arguments: the device for guest CID 3 on `socket`, the control server on
-/// the host's loopback (which the guest reaches through QEMU's user network).
-fn host_args(socket: &Path, port: u16) -> Vec<String> {
+/// the host's loopback (which the guest reaches through QEMU's user network), the 6.12 list
+/// unless `whole_list`.
+fn host_args(socket: &Path, port: u16, whole_list: bool) -> Vec<String> {
     let mut args: Vec<String> =
         ["test", "--transport", "device", "--mode", "server", "--vhost-socket"]
             .map(str::to_owned)
@@ -329,7 +373,9 @@ fn host_args(socket: &Path, port: u16) -> Vec<String> {
         args.push(flag.to_owned());
         args.push(value);
     }
-    args.push("--kernel-6.12".to_owned());
+    if !whole_list {
+        args.push("--kernel-6.12".to_owned());
+    }
     args
 }
 
@@ -406,11 +452,28 @@ mod tests {
 
     #[test]
     fn the_device_host_half_serves_guest_cid_3_on_the_host_loopback() {
-        let args = host_args(Path::new("/w/vhost.sock"), 40000).join(" ");
+        let args = host_args(Path::new("/w/vhost.sock"), 40000, false).join(" ");
         assert_eq!(
             args,
             "test --transport device --mode server --vhost-socket /w/vhost.sock --guest-cid 3 \
              --peer-cid 3 --control-host 127.0.0.1 --control-port 40000 --kernel-6.12"
+        );
+        // Against our own client the whole list runs.
+        let whole = host_args(Path::new("/w/vhost.sock"), 40000, true);
+        assert!(!whole.contains(&"--kernel-6.12".to_owned()));
+    }
+
+    #[test]
+    fn device_clients_reach_the_host_at_cid_2_over_the_user_network() {
+        assert_eq!(
+            device_client(Pairing::Device, 5000),
+            "/bin/vsock_test --mode=client --control-host=10.0.2.2 --control-port=5000 \
+             --peer-cid=2"
+        );
+        assert_eq!(
+            device_client(Pairing::DeviceOurs, 5000),
+            "/bin/zerovsock test --transport kernel --mode client --control-host 10.0.2.2 \
+             --control-port 5000 --peer-cid 2"
         );
     }
 }
