@@ -246,13 +246,7 @@ fn in_one_guest(
         binaries.push(ours.context("zerovsock was not built for the guest")?.to_path_buf());
     }
     let outcome = lab.run(&binaries, &script(pairing), guest)?;
-    print!("{}", outcome.output);
-    println!(
-        "lab: boot {:.1?}, run {:.1?}, exit {}",
-        outcome.boot_time,
-        outcome.total_time.saturating_sub(outcome.boot_time),
-        outcome.exit
-    );
+    print_outcome(&outcome);
     Ok((outcome.exit != 0).then(|| {
         format!("guest script exit {}; the guest's console:\n{}", outcome.exit, outcome.console)
     }))
@@ -334,6 +328,12 @@ fn device_guest(
     };
     let outcome = lab.run(&[client.to_path_buf()], &script, &guest)?;
     println!("--- guest: {command}");
+    print_outcome(&outcome);
+    Ok(outcome)
+}
+
+/// What a guest printed, then its boot and run times and exit status.
+fn print_outcome(outcome: &zerovsock_lab::Outcome) {
     print!("{}", outcome.output);
     println!(
         "lab: boot {:.1?}, run {:.1?}, exit {}",
@@ -341,7 +341,6 @@ fn device_guest(
         outcome.total_time.saturating_sub(outcome.boot_time),
         outcome.exit
     );
-    Ok(outcome)
 }
 
 fn spawn_host(binary: &Path, args: Vec<String>, log: &Path) -> Result<Child> {

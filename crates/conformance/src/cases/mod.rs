@@ -428,21 +428,13 @@ fn control_failure(error: ControlError) -> Failure {
 }
 
 /// `hash_djb2` of the kernel tool (`unsigned long` arithmetic on a 64-bit machine).
-pub fn djb2(data: &[u8]) -> u64 {
-    data.iter().fold(5381u64, |h, &b| h.wrapping_mul(33).wrapping_add(u64::from(b)))
-}
+pub use zerovsock_testkit::suite::djb2;
 
-/// Pseudo-random bytes for a test's payload (xorshift; the seed varies per run as the C
-/// tool's `srand(time(NULL))` does, and only the hash crosses the control channel).
+/// Pseudo-random bytes for a test's payload; each call moves `seed` on. The seed varies per
+/// run as the C tool's `srand(time(NULL))` does; only the hash crosses the control channel.
 pub fn random_bytes(len: usize, seed: &mut u64) -> Vec<u8> {
-    (0..len)
-        .map(|_| {
-            *seed ^= *seed << 13;
-            *seed ^= *seed >> 7;
-            *seed ^= *seed << 17;
-            (*seed >> 24) as u8
-        })
-        .collect()
+    *seed = seed.wrapping_add(1);
+    zerovsock_testkit::suite::pattern(len, *seed)
 }
 
 /// A seed that differs between runs.
