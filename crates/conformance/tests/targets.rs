@@ -44,3 +44,14 @@ fn the_suite_with_the_guest_as_client_and_the_device_host_as_server_is_as_expect
 fn the_suite_with_the_device_host_as_client_and_the_guest_as_server_is_as_expected() {
     device(DeviceTarget::host, DeviceTarget::guest, "device: host client, guest server", 12_000);
 }
+
+/// The kernel family opens AF_VSOCK, which this machine must never do: outside a guest the
+/// project's lab booted, it refuses before any socket exists.
+#[test]
+fn the_kernel_family_refuses_to_run_outside_a_lab_guest() {
+    if zerovsock_lab::in_lab_guest() {
+        return;
+    }
+    let refused = zerovsock_conformance::kernel::KernelPeer::new().expect_err("must refuse");
+    assert!(refused.to_string().contains("refusing to open AF_VSOCK"), "{refused}");
+}
