@@ -44,9 +44,8 @@ impl Peer for StackPeer {
                 "the socket API takes Rust buffers, which are always mapped (no EFAULT, no \
                  unmapped iovec)",
             ),
-            Feature::UnsentBytes => Some("no SIOCOUTQ on the userspace stack yet"),
             Feature::IoUring => Some("io_uring is a kernel interface"),
-            Feature::UnreadBytes => None,
+            Feature::UnreadBytes | Feature::UnsentBytes => None,
         }
     }
 
@@ -176,13 +175,10 @@ impl Conn for StackConn {
     }
 
     fn unsent_bytes(&self) -> io::Result<usize> {
-        Err(io::Error::from_raw_os_error(EOPNOTSUPP))
+        Ok(either!(self, s => s.unsent_bytes()))
     }
 
     fn unread_bytes(&self) -> io::Result<usize> {
         Ok(either!(self, s => s.unread_bytes()))
     }
 }
-
-/// EOPNOTSUPP on Linux, what an unsupported ioctl gives.
-const EOPNOTSUPP: i32 = 95;

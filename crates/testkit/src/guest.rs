@@ -32,7 +32,7 @@ use virtio_bindings::bindings::virtio_ring::{
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
-use zerovsock::wire::{Cid, Features, HEADER_LEN};
+use zerovsock::wire::{Addr, Cid, Features, HEADER_LEN};
 use zerovsock::{Packet, Payload, Transport, Vsock};
 
 /// Queue size of both rings.
@@ -162,6 +162,16 @@ impl Transport for GuestTransport {
     fn transmit(&mut self, packet: Packet, _inbound: &mut VecDeque<Packet>) {
         self.outgoing.lock().unwrap_or_else(PoisonError::into_inner).push_back(packet);
         let _ = self.kick.write(1);
+    }
+
+    /// What waits for the TX ring (a packet is handed on once it is in the ring's memory).
+    fn unsent_bytes(&self, local: Addr, remote: Addr) -> usize {
+        let outgoing = self.outgoing.lock().unwrap_or_else(PoisonError::into_inner);
+        outgoing
+            .iter()
+            .filter(|p| p.repr.src == local && p.repr.dst == remote)
+            .map(|p| p.payload.len())
+            .sum()
     }
 }
 

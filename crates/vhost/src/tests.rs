@@ -631,3 +631,29 @@ fn host_data_behind_the_connections_queued_packet_is_not_left_without_a_wakeup()
          free, yet asked for no other pass ({progress:?}, kick: {kicked})"
     );
 }
+
+/// SIOCOUTQ on the device: a native socket's data counts as unsent while it waits for the
+/// guest's RX buffers, a packet cut over several buffers until its last chunk is written (as
+/// `vhost_transport_do_send_pkt` consumes an skb only once it is all sent), and nothing once
+/// it is all in guest memory.
+#[test]
+fn unsent_bytes_count_host_data_until_it_is_all_in_guest_memory() {
+    let mut h = Harness::new(64);
+    let mem = h.mem.clone();
+    let listener =
+        VsockListener::bind(&h.vsock, Addr::new(Cid::ANY, Port(5000))).expect("listener");
+    h.offer_packet(from_guest(Op::Request, 1000, 5000), &[]);
+    h.run_tx();
+    let (server, _) = listener.accept().expect("accept");
+    assert_eq!(server.unsent_bytes(), 0, "a RESPONSE carries no data");
+    std::io::Write::write_all(&mut &server, &[7u8; 10_000]).expect("host write");
+    assert_eq!(server.unsent_bytes(), 10_000, "no RX buffers yet");
+    // Two 4 KiB buffers take 8104 bytes of the packet: it is not all sent yet.
+    let (_rx_mock, mut rx) = rx_ring(&mem, 2, 4096);
+    let mut used = Vec::new();
+    h.worker.process_rx(&h.mem, &mut rx, &mut used);
+    assert!(rw_bytes(&mem, &used) > 0, "part of the packet went out");
+    assert_eq!(server.unsent_bytes(), 10_000, "a packet counts until its last chunk");
+    h.outbound_ops();
+    assert_eq!(server.unsent_bytes(), 0);
+}

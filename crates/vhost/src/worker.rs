@@ -39,6 +39,10 @@ struct Queued {
     /// Queued packets per connection (source, destination): a connection's host data may be
     /// placed only when none of its packets wait, so the guest sees its headers in order.
     per_conn: HashMap<(Addr, Addr), usize>,
+    /// Payload bytes per connection not yet written whole into RX buffers (the queued packets
+    /// and the one the worker is cutting): SIOCOUTQ, counted until the whole packet is in
+    /// guest memory, as `vhost_transport_do_send_pkt` calls `virtio_transport_consume_skb_sent`.
+    unsent: HashMap<(Addr, Addr), usize>,
     /// Host sockets that may have data for the guest.
     readers: VecDeque<Arc<HostReader>>,
 }
@@ -57,6 +61,23 @@ impl Queued {
                 }
             }
             self.replies -= usize::from(is_reply(packet));
+        }
+    }
+
+    /// Counts `packet`'s payload as unsent (`added`) or no longer.
+    fn count_unsent(&mut self, packet: &Packet, added: bool) {
+        let len = packet.payload.len();
+        if len == 0 {
+            return;
+        }
+        let key = (packet.repr.src, packet.repr.dst);
+        if added {
+            *self.unsent.entry(key).or_default() += len;
+        } else if let Some(bytes) = self.unsent.get_mut(&key) {
+            *bytes = bytes.saturating_sub(len);
+            if *bytes == 0 {
+                self.unsent.remove(&key);
+            }
         }
     }
 
@@ -103,6 +124,7 @@ impl Outbound {
             let mut queue = self.lock();
             let was_idle = queue.idle();
             queue.count(&packet, true);
+            queue.count_unsent(&packet, true);
             queue.packets.push_back(packet);
             was_idle
         };
@@ -118,6 +140,16 @@ impl Outbound {
         let packet = queue.packets.pop_front()?;
         queue.count(&packet, false);
         Some(packet)
+    }
+
+    /// `packet`, taken with [`Self::pop`], is in guest memory now, all of it.
+    fn sent(&self, packet: &Packet) {
+        self.lock().count_unsent(packet, false);
+    }
+
+    /// Payload bytes from `local` to `remote` not yet written whole into RX buffers.
+    pub(crate) fn unsent(&self, local: Addr, remote: Addr) -> usize {
+        self.lock().unsent.get(&(local, remote)).copied().unwrap_or(0)
     }
 
     /// Packets of connection `conn` (source, destination) waiting.
@@ -168,6 +200,7 @@ impl Outbound {
             queue.packets = kept;
             for packet in &gone {
                 queue.count(packet, false);
+                queue.count_unsent(packet, false);
             }
             gone
         };
@@ -215,6 +248,10 @@ impl Transport for DeviceTransport {
 
     fn cancel(&mut self, local: Addr, remote: Addr) {
         self.outbound.cancel(local, remote);
+    }
+
+    fn unsent_bytes(&self, local: Addr, remote: Addr) -> usize {
+        self.outbound.unsent(local, remote)
     }
 }
 
@@ -475,6 +512,7 @@ impl Worker {
                         self.current = Some((packet, next));
                     } else {
                         self.stats.rx_packets += 1;
+                        self.outbound.sent(&packet);
                         // Dropping the packet here ends a zerocopy sender's pass: its bytes
                         // are in guest memory now.
                     }

@@ -38,6 +38,14 @@ pub trait Transport: Send + 'static {
     fn cancel(&mut self, local: Addr, remote: Addr) {
         let _ = (local, remote);
     }
+
+    /// Payload bytes of packets from `local` to `remote` the transport still holds, not yet
+    /// handed on whole (SIOCOUTQ; Linux counts a packet until `virtio_transport_consume_skb_sent`).
+    /// Transports that send at once hold none.
+    fn unsent_bytes(&self, local: Addr, remote: Addr) -> usize {
+        let _ = (local, remote);
+        0
+    }
 }
 
 /// What waits on one socket.
@@ -148,6 +156,17 @@ impl Core {
                 waiter.wake(&mut self.deferred);
             }
         }
+    }
+
+    /// SIOCOUTQ of connection `id`: what its transport still holds of it.
+    pub(crate) fn unsent_bytes(&self, id: SocketId) -> usize {
+        let (Some(local), Some(remote)) = (self.engine.local_addr(id), self.engine.peer_addr(id))
+        else {
+            return 0;
+        };
+        // Packets carry the endpoint's own CID even from a socket bound to CID ANY.
+        let local = Addr::new(self.engine.config().local_cid, local.port);
+        self.transport.unsent_bytes(local, remote)
     }
 
     pub(crate) fn register(&mut self, id: SocketId) -> Arc<Waiter> {

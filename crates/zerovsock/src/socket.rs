@@ -579,6 +579,10 @@ impl Inner {
     pub(crate) fn unread_bytes(&self) -> usize {
         self.shared.lock().engine.unread_bytes(self.id)
     }
+
+    pub(crate) fn unsent_bytes(&self) -> usize {
+        self.shared.lock().unsent_bytes(self.id)
+    }
 }
 
 /// Shares `bytes` as a payload without copying.

@@ -375,6 +375,13 @@ macro_rules! connected {
                 self.inner.unread_bytes()
             }
 
+            /// Bytes sent that the transport has not yet handed on (SIOCOUTQ): on a device,
+            /// data still waiting for the guest's RX buffers; on loopback always 0 once a send
+            /// returns, since delivery is immediate.
+            pub fn unsent_bytes(&self) -> usize {
+                self.inner.unsent_bytes()
+            }
+
             buffer_options!();
         }
     };
