@@ -48,7 +48,7 @@ impl Peer for KernelPeer {
                 "unmapped memory needs unsafe code, which the project keeps inside \
                  zerovsock-linux's system call wrappers",
             ),
-            Feature::UnreadBytes | Feature::UnsentBytes | Feature::IoUring => None,
+            Feature::IoUring => None,
         }
     }
 

@@ -45,7 +45,6 @@ impl Peer for StackPeer {
                  unmapped iovec)",
             ),
             Feature::IoUring => Some("io_uring is a kernel interface"),
-            Feature::UnreadBytes | Feature::UnsentBytes => None,
         }
     }
 
