@@ -103,6 +103,10 @@ pub struct TestArgs {
     /// How long a control server waits for its client (a guest may be booting).
     #[arg(long, default_value_t = 600)]
     control_wait: u64,
+    /// A control client keeps connecting for up to this many seconds until the server speaks
+    /// (for a host half started before its guest's server; vsock_test connects once).
+    #[arg(long, default_value_t = 0)]
+    control_retry: u64,
 }
 
 pub fn run(args: TestArgs) -> Result<()> {
@@ -307,7 +311,11 @@ fn one_side(args: &TestArgs, mode: ModeArg, select: Vec<Select>) -> Result<Run> 
                 .control_host
                 .as_deref()
                 .context("--control-host is required with --mode client")?;
-            Control::connect(host, port)?
+            if args.control_retry == 0 {
+                Control::connect(host, port)?
+            } else {
+                Control::connect_retrying(host, port, Duration::from_secs(args.control_retry))?
+            }
         }
         Mode::Server => {
             let host = args.control_host.as_deref().unwrap_or("0.0.0.0");

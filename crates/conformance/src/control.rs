@@ -135,6 +135,39 @@ impl Control {
         Err(failed(step)(last.unwrap_or_else(|| io::ErrorKind::NotFound.into())))
     }
 
+    /// A client that may start before its server (the host half of a device whose guest is
+    /// still booting): connects again, every 200 ms for up to `within`, until a server speaks
+    /// first on the connection: both tools' servers write their first barrier word at once.
+    /// A connection closed before it spoke (a forwarded port nobody listens behind yet, as
+    /// QEMU's user network accepts) is taken again too. Nothing is written before the server
+    /// spoke, so a retry cannot leave a server out of step. The C tool never retries.
+    pub fn connect_retrying(host: &str, port: u16, within: Duration) -> Result<Control> {
+        let deadline = Instant::now() + within;
+        loop {
+            let attempt = Control::connect(host, port).and_then(|mut control| {
+                control.wait_for_peer()?;
+                Ok(control)
+            });
+            match attempt {
+                Ok(control) => return Ok(control),
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(error) => return Err(error),
+            }
+        }
+    }
+
+    /// Waits (within the step limit) until the peer has written something, without taking it.
+    fn wait_for_peer(&mut self) -> Result<()> {
+        let step = "control connect (waiting for the server to speak)";
+        match self.reader.fill_buf() {
+            Ok([]) => Err(ControlError::Eof { step: step.into() }),
+            Ok(_) => Ok(()),
+            Err(e) => Err(failed(step)(e)),
+        }
+    }
+
     /// Bounds each later blocking step by `limit` instead of [`TIMEOUT`].
     pub fn set_timeout(&mut self, limit: Duration) -> Result<()> {
         let step = "control setup";

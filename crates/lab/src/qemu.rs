@@ -22,6 +22,15 @@ pub enum NetLink {
     /// `-netdev user` (QEMU's user-mode network): the guest reaches the host's 127.0.0.1:PORT
     /// at [`HOST_FROM_GUEST`]:PORT once its script ran [`USER_NET_UP`].
     User,
+    /// [`NetLink::User`] with the host's 127.0.0.1:`host` forwarded to the guest's port
+    /// `guest` (at 10.0.2.15, which [`USER_NET_UP`] gives it). QEMU accepts on the host
+    /// side at once, and closes the connection when nothing listens in the guest yet.
+    UserForward {
+        /// The port on the host's loopback.
+        host: u16,
+        /// The port in the guest.
+        guest: u16,
+    },
 }
 
 /// The host's loopback as a guest on [`NetLink::User`] reaches it.
@@ -106,6 +115,9 @@ impl Guest {
                 NetLink::Listen(port) => format!("socket,id=link,listen=127.0.0.1:{port}"),
                 NetLink::Connect(port) => format!("socket,id=link,connect=127.0.0.1:{port}"),
                 NetLink::User => "user,id=link".to_owned(),
+                NetLink::UserForward { host, guest } => {
+                    format!("user,id=link,hostfwd=tcp:127.0.0.1:{host}-10.0.2.15:{guest}")
+                }
             };
             qemu.args(["-netdev", &netdev])
                 .args(["-device", &format!("virtio-net-pci,netdev=link,mac={}", self.mac)]);
@@ -254,6 +266,18 @@ mod tests {
         assert_eq!(pair("-netdev"), ["user,id=link"]);
         assert_eq!(pair("-device"), ["virtio-net-pci,netdev=link,mac=52:54:00:12:34:56"]);
         assert!(USER_NET_UP.contains("dev eth0") && USER_NET_UP.contains("10.0.2.15/24"));
+    }
+
+    #[test]
+    fn user_network_can_forward_a_host_port_into_the_guest() {
+        let forward = Guest {
+            net: Some(NetLink::UserForward { host: 40000, guest: 1234 }),
+            ..Guest::default()
+        };
+        let args = args(&forward.command(&kernel(), Path::new("/i"), Path::new("/c")));
+        let netdev: Vec<&String> =
+            args.windows(2).filter(|w| w[0] == "-netdev").map(|w| &w[1]).collect();
+        assert_eq!(netdev, ["user,id=link,hostfwd=tcp:127.0.0.1:40000-10.0.2.15:1234"]);
     }
 
     #[test]

@@ -91,3 +91,36 @@ fn a_client_does_not_retry_a_server_that_is_not_there() {
     let error = Control::connect("127.0.0.1", port).expect_err("refused");
     assert!(matches!(error, ControlError::Io { .. }), "{error}");
 }
+
+#[test]
+fn a_retrying_client_waits_until_a_server_speaks_and_then_reads_all_it_said() {
+    let listener = std::net::TcpListener::bind(("127.0.0.1", 0)).expect("listen");
+    let port = listener.local_addr().expect("addr").port();
+    let server = std::thread::spawn(move || {
+        // A forwarder with nobody behind it yet: accepts, then closes at once.
+        drop(listener.accept().expect("first accept"));
+        // Then the real server: it speaks first, as run_tests does.
+        let (mut stream, _) = listener.accept().expect("second accept");
+        stream.write_all(b"NEXT\n").expect("server word");
+        let mut got = [0u8; 5];
+        stream.read_exact(&mut got).expect("client word");
+        got
+    });
+    let mut control =
+        Control::connect_retrying("127.0.0.1", port, Duration::from_secs(5)).expect("connect");
+    assert_eq!(control.barrier(false).expect("barrier"), Barrier::Run, "nothing was lost");
+    assert_eq!(&server.join().expect("server thread"), b"NEXT\n");
+}
+
+#[test]
+fn a_retrying_client_gives_up_at_its_deadline() {
+    let port = {
+        let listener = std::net::TcpListener::bind(("127.0.0.1", 0)).expect("listen");
+        listener.local_addr().expect("addr").port()
+    };
+    let started = std::time::Instant::now();
+    let error = Control::connect_retrying("127.0.0.1", port, Duration::from_millis(500))
+        .expect_err("nobody listens");
+    assert!(matches!(error, ControlError::Io { .. }), "{error}");
+    assert!(started.elapsed() < Duration::from_secs(3));
+}
