@@ -11,11 +11,18 @@
 //!   device --mode server`, a host process serving `vhost-user-vsock-pci`) against the C
 //!   client in a guest, whose control connection reaches the host through QEMU's user network;
 //! * `device-ours`: the same host half against our client on the guest kernel's `AF_VSOCK`,
-//!   the whole list (the later tests and io_uring included) through the device.
+//!   the whole list (the later tests and io_uring included) through the device;
+//! * `device-host-client`: our host half as the client (connects initiated by the host through
+//!   the device) against the C server in a guest, whose control port is forwarded from the
+//!   host's loopback.
 //!
 //! The server side always starts first and the client is started only once the server printed
 //! `Control socket listening` (both tools print it once the control port listens). Nothing
 //! probes the control port: the server takes the first connection as its one control client.
+//! The one exception is `device-host-client`: the host half must serve the device before QEMU
+//! starts, so it starts first and keeps connecting (`--control-retry`) until the guest's
+//! server speaks first on a connection; QEMU accepts forwarded connections before anything
+//! listens in the guest, and closes them, which counts as not there yet.
 //! Guests get two vCPUs (see `GUEST_CPUS`). Every pairing runs even when an earlier one failed;
 //! a failed one is reported with its output and the guest's whole console, and the command
 //! exits non-zero.
@@ -67,16 +74,19 @@ pub enum Pairing {
     Device,
     /// Our host half on the device against our client on the kernel in a guest, whole list.
     DeviceOurs,
+    /// Our host half on the device as the client, against the C server in a guest.
+    DeviceHostClient,
 }
 
 impl Pairing {
-    pub const ALL: [Pairing; 6] = [
+    pub const ALL: [Pairing; 7] = [
         Pairing::CBaseline,
         Pairing::Ours,
         Pairing::CClient,
         Pairing::CServer,
         Pairing::Device,
         Pairing::DeviceOurs,
+        Pairing::DeviceHostClient,
     ];
 
     fn title(self) -> &'static str {
@@ -89,6 +99,7 @@ impl Pairing {
             Pairing::DeviceOurs => {
                 "our kernel client in a guest / our device host server, whole list"
             }
+            Pairing::DeviceHostClient => "C server in a guest / our device host client",
         }
     }
 
@@ -97,7 +108,7 @@ impl Pairing {
     }
 
     fn on_device(self) -> bool {
-        matches!(self, Pairing::Device | Pairing::DeviceOurs)
+        matches!(self, Pairing::Device | Pairing::DeviceOurs | Pairing::DeviceHostClient)
     }
 }
 
@@ -136,13 +147,15 @@ pub fn run(guest: &Guest, only: &[Pairing]) -> Result<()> {
         println!("\n== {}", pairing.title());
         let started = Instant::now();
         let result = match pairing {
-            Pairing::Device | Pairing::DeviceOurs => {
+            Pairing::Device | Pairing::DeviceOurs | Pairing::DeviceHostClient => {
                 let host = ours_host.as_deref().context("no host binary")?;
-                let client = match pairing {
-                    Pairing::Device => &ctool.path,
-                    _ => ours_guest.as_deref().context("zerovsock was not built for the guest")?,
+                let in_guest = match pairing {
+                    Pairing::DeviceOurs => {
+                        ours_guest.as_deref().context("zerovsock was not built for the guest")?
+                    }
+                    _ => &ctool.path,
                 };
-                device(&lab, guest, pairing, client, host)
+                device(&lab, guest, pairing, in_guest, host)
             }
             _ => in_one_guest(&lab, guest, &ctool, ours_guest.as_deref(), pairing),
         };
@@ -201,8 +214,8 @@ fn script(pairing: Pairing) -> String {
         Pairing::CBaseline => server_then_client(&c_tool("server"), &c_tool("client")),
         Pairing::CClient => server_then_client(&ours("server"), &c_tool("client")),
         Pairing::CServer => server_then_client(&c_tool("server"), &ours("client")),
-        Pairing::Device | Pairing::DeviceOurs => {
-            unreachable!("the device pairings run their server on the host")
+        Pairing::Device | Pairing::DeviceOurs | Pairing::DeviceHostClient => {
+            unreachable!("the device pairings run one half on the host")
         }
     }
 }
@@ -253,26 +266,24 @@ fn in_one_guest(
 }
 
 /// A device pairing: our host half as a child process serving the guest's
-/// `vhost-user-vsock-pci`, and in the guest the C client (`Device`, the 6.12 list) or ours on
-/// the kernel (`DeviceOurs`, the whole list); `client` is its binary.
+/// `vhost-user-vsock-pci` (see [`roles`]); `in_guest` is the guest half's binary.
 fn device(
     lab: &Lab,
     guest: &Guest,
     pairing: Pairing,
-    client: &Path,
+    in_guest: &Path,
     host_binary: &Path,
 ) -> Result<Option<String>> {
-    let whole_list = pairing == Pairing::DeviceOurs;
     let dir = lab.workdir()?;
     let socket = dir.join("vhost.sock");
     let log_path = dir.join("host.log");
     let port = free_port()?;
-    let mut host = spawn_host(host_binary, host_args(&socket, port, whole_list), &log_path)?;
-    let command = device_client(pairing, port);
-    let result = device_guest(lab, guest, client, &command, &socket, &log_path, &mut host);
+    let roles = roles(pairing, &socket, port);
+    let mut host = spawn_host(host_binary, roles.host_args.clone(), &log_path)?;
+    let result = device_guest(lab, guest, in_guest, &roles, &socket, &log_path, &mut host);
     let host_status = finish(&mut host, HOST_PATIENCE);
     let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-    println!("--- host: zerovsock test --transport device --mode server (control port {port})");
+    println!("--- host: zerovsock {}", roles.host_args.join(" "));
     print!("{log}");
     let host_part = match &host_status {
         Ok(status) => format!("host {status}"),
@@ -295,38 +306,87 @@ fn device(
     )))
 }
 
-/// The guest's client command of a device pairing: its control connection reaches the host's
-/// loopback through QEMU's user network; the host is CID 2.
-fn device_client(pairing: Pairing, port: u16) -> String {
-    match pairing {
-        Pairing::DeviceOurs => format!(
-            "/bin/zerovsock test --transport kernel --mode client \
-             --control-host {HOST_FROM_GUEST} --control-port {port} --peer-cid 2"
-        ),
-        _ => format!(
-            "/bin/vsock_test --mode=client --control-host={HOST_FROM_GUEST} \
-             --control-port={port} --peer-cid=2"
-        ),
+/// How a device pairing splits between the host and the guest.
+struct Roles {
+    /// `zerovsock`'s arguments on the host.
+    host_args: Vec<String>,
+    /// The guest half's command.
+    guest_command: String,
+    /// The guest's network to the host's loopback.
+    net: NetLink,
+    /// The host half is the control server: the guest boots once it listens. (A host client
+    /// starts first, serving the device, and keeps connecting until the guest's server
+    /// speaks.)
+    host_listens: bool,
+}
+
+/// The halves of a device pairing, with control port `port` on the host's loopback: the
+/// guest reaches it through QEMU's user network (10.0.2.2), or it is forwarded to the guest's
+/// control port when the guest is the server. The host is CID 2, the guest CID 3.
+fn roles(pairing: Pairing, socket: &Path, port: u16) -> Roles {
+    let mut host_args: Vec<String> =
+        ["test", "--transport", "device", "--vhost-socket"].map(str::to_owned).into();
+    host_args.push(socket.display().to_string());
+    let mode = if pairing == Pairing::DeviceHostClient { "client" } else { "server" };
+    for (flag, value) in [
+        ("--mode", mode.to_owned()),
+        ("--guest-cid", DEVICE_GUEST_CID.to_string()),
+        ("--peer-cid", DEVICE_GUEST_CID.to_string()),
+        ("--control-host", "127.0.0.1".to_owned()),
+        ("--control-port", port.to_string()),
+    ] {
+        host_args.push(flag.to_owned());
+        host_args.push(value);
     }
+    if pairing == Pairing::DeviceHostClient {
+        host_args.extend(["--control-retry".to_owned(), HOST_PATIENCE.as_secs().to_string()]);
+    }
+    if pairing != Pairing::DeviceOurs {
+        host_args.push("--kernel-6.12".to_owned());
+    }
+    let (guest_command, net) = match pairing {
+        Pairing::DeviceOurs => (
+            format!(
+                "/bin/zerovsock test --transport kernel --mode client \
+                 --control-host {HOST_FROM_GUEST} --control-port {port} --peer-cid 2"
+            ),
+            NetLink::User,
+        ),
+        Pairing::DeviceHostClient => (
+            format!(
+                "/bin/vsock_test --mode=server --control-port={GUEST_CONTROL_PORT} --peer-cid=2"
+            ),
+            NetLink::UserForward { host: port, guest: GUEST_CONTROL_PORT },
+        ),
+        _ => (
+            format!(
+                "/bin/vsock_test --mode=client --control-host={HOST_FROM_GUEST} \
+                 --control-port={port} --peer-cid=2"
+            ),
+            NetLink::User,
+        ),
+    };
+    Roles { host_args, guest_command, net, host_listens: pairing != Pairing::DeviceHostClient }
 }
 
 fn device_guest(
     lab: &Lab,
     guest: &Guest,
-    client: &Path,
-    command: &str,
+    in_guest: &Path,
+    roles: &Roles,
     socket: &Path,
     log: &Path,
     host: &mut Child,
 ) -> Result<zerovsock_lab::Outcome> {
-    wait_listening(host, socket, log)?;
+    wait_for_host(host, socket, log, roles.host_listens)?;
+    let command = &roles.guest_command;
     let script = format!("{USER_NET_UP}{command}\n");
     let guest = Guest {
         vhost_user_vsock: Some(socket.to_path_buf()),
-        net: Some(NetLink::User),
+        net: Some(roles.net),
         ..guest.clone()
     };
-    let outcome = lab.run(&[client.to_path_buf()], &script, &guest)?;
+    let outcome = lab.run(&[in_guest.to_path_buf()], &script, &guest)?;
     println!("--- guest: {command}");
     print_outcome(&outcome);
     Ok(outcome)
@@ -354,36 +414,13 @@ fn spawn_host(binary: &Path, args: Vec<String>, log: &Path) -> Result<Child> {
         .with_context(|| format!("starting {}", binary.display()))
 }
 
-/// Our host half's arguments: the device for guest CID 3 on `socket`, the control server on
-/// the host's loopback (which the guest reaches through QEMU's user network), the 6.12 list
-/// unless `whole_list`.
-fn host_args(socket: &Path, port: u16, whole_list: bool) -> Vec<String> {
-    let mut args: Vec<String> =
-        ["test", "--transport", "device", "--mode", "server", "--vhost-socket"]
-            .map(str::to_owned)
-            .into();
-    args.push(socket.display().to_string());
-    for (flag, value) in [
-        ("--guest-cid", DEVICE_GUEST_CID.to_string()),
-        ("--peer-cid", DEVICE_GUEST_CID.to_string()),
-        ("--control-host", "127.0.0.1".to_owned()),
-        ("--control-port", port.to_string()),
-    ] {
-        args.push(flag.to_owned());
-        args.push(value);
-    }
-    if !whole_list {
-        args.push("--kernel-6.12".to_owned());
-    }
-    args
-}
-
-/// Waits until the host half serves the vhost-user socket and its control port listens.
-fn wait_listening(host: &mut Child, socket: &Path, log: &Path) -> Result<()> {
+/// Waits until the host half serves the vhost-user socket and, when it is the control
+/// server, its control port listens.
+fn wait_for_host(host: &mut Child, socket: &Path, log: &Path, listens: bool) -> Result<()> {
     let deadline = Instant::now() + HOST_PATIENCE;
     loop {
         let printed = std::fs::read_to_string(log).unwrap_or_default();
-        if socket.exists() && printed.contains(LISTENING) {
+        if socket.exists() && (!listens || printed.contains(LISTENING)) {
             return Ok(());
         }
         if let Some(status) = host.try_wait()? {
@@ -451,28 +488,40 @@ mod tests {
 
     #[test]
     fn the_device_host_half_serves_guest_cid_3_on_the_host_loopback() {
-        let args = host_args(Path::new("/w/vhost.sock"), 40000, false).join(" ");
+        let socket = Path::new("/w/vhost.sock");
+        let server = roles(Pairing::Device, socket, 40000);
         assert_eq!(
-            args,
-            "test --transport device --mode server --vhost-socket /w/vhost.sock --guest-cid 3 \
+            server.host_args.join(" "),
+            "test --transport device --vhost-socket /w/vhost.sock --mode server --guest-cid 3 \
              --peer-cid 3 --control-host 127.0.0.1 --control-port 40000 --kernel-6.12"
         );
+        assert_eq!(
+            server.guest_command,
+            "/bin/vsock_test --mode=client --control-host=10.0.2.2 --control-port=40000 \
+             --peer-cid=2"
+        );
+        assert!(server.host_listens && server.net == NetLink::User);
         // Against our own client the whole list runs.
-        let whole = host_args(Path::new("/w/vhost.sock"), 40000, true);
-        assert!(!whole.contains(&"--kernel-6.12".to_owned()));
+        let ours = roles(Pairing::DeviceOurs, socket, 40000);
+        assert!(!ours.host_args.contains(&"--kernel-6.12".to_owned()));
+        assert_eq!(
+            ours.guest_command,
+            "/bin/zerovsock test --transport kernel --mode client --control-host 10.0.2.2 \
+             --control-port 40000 --peer-cid 2"
+        );
     }
 
     #[test]
-    fn device_clients_reach_the_host_at_cid_2_over_the_user_network() {
+    fn a_device_host_client_reaches_the_guests_server_through_a_forwarded_port() {
+        let client = roles(Pairing::DeviceHostClient, Path::new("/w/vhost.sock"), 40000);
+        let args = client.host_args.join(" ");
+        assert!(args.contains("--mode client") && args.contains("--control-port 40000"), "{args}");
+        assert!(args.contains("--control-retry 120") && args.ends_with("--kernel-6.12"), "{args}");
         assert_eq!(
-            device_client(Pairing::Device, 5000),
-            "/bin/vsock_test --mode=client --control-host=10.0.2.2 --control-port=5000 \
-             --peer-cid=2"
+            client.guest_command,
+            "/bin/vsock_test --mode=server --control-port=1234 --peer-cid=2"
         );
-        assert_eq!(
-            device_client(Pairing::DeviceOurs, 5000),
-            "/bin/zerovsock test --transport kernel --mode client --control-host 10.0.2.2 \
-             --control-port 5000 --peer-cid 2"
-        );
+        assert_eq!(client.net, NetLink::UserForward { host: 40000, guest: 1234 });
+        assert!(!client.host_listens, "the host client starts first, serving the device");
     }
 }
