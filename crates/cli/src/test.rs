@@ -124,7 +124,9 @@ pub fn run(args: TestArgs) -> Result<()> {
         None => in_process(&args, &skipped)?,
         Some(mode) => one_side(&args, mode, select)?,
     };
-    let unexpected = unexpected(&expectations, &results, args.mode.is_some());
+    // In a pairing an expectations file is checked only when one was given.
+    let failures_only = args.mode.is_some() && args.expect.is_none();
+    let unexpected = unexpected(&expectations, &results, failures_only);
     if args.json {
         let json = Json {
             target: &title,
@@ -196,15 +198,20 @@ fn expectations(args: &TestArgs) -> Result<Expectations> {
     Expectations::parse(&text).map_err(anyhow::Error::msg)
 }
 
-/// What is unexpected. In a pairing the other half may be another stack, so only failures
-/// count (as for the C tool), unless an expectations file was given.
-fn unexpected(expectations: &Expectations, results: &[TestResult], paired: bool) -> Vec<String> {
+/// What is unexpected: with `failures_only`, only failures (a pairing whose other half may be
+/// another stack, as the C tool judges it); else what `expectations` did not expect. Tests
+/// left out by `--skip`/`--pick` are not judged.
+fn unexpected(
+    expectations: &Expectations,
+    results: &[TestResult],
+    failures_only: bool,
+) -> Vec<String> {
     let picked: Vec<TestResult> = results
         .iter()
-        .filter(|r| !matches!(&r.status, Status::Skip(why) if why.contains("--skip")))
+        .filter(|r| !matches!(&r.status, Status::Skip(why) if why == runner::DESELECTED))
         .cloned()
         .collect();
-    if paired {
+    if failures_only {
         picked
             .iter()
             .filter(|r| matches!(r.status, Status::Fail(_) | Status::NotRun))
@@ -223,7 +230,7 @@ fn in_process(args: &TestArgs, skipped: &[bool]) -> Result<Run> {
     let pair = |client: &Endpoint, server: &Endpoint| {
         runner::run_pair(client, server, args.peer_port, &ids, args.kernel_6_12)
     };
-    let results = match args.transport {
+    let (title, results) = match args.transport {
         Transport::Loopback => {
             let (client, server) = targets::loopback();
             ("loopback".to_owned(), pair(&client, &server))
@@ -247,7 +254,7 @@ fn in_process(args: &TestArgs, skipped: &[bool]) -> Result<Run> {
             )
         }
     };
-    Ok((results.0, results.1, Ok(())))
+    Ok((title, results, Ok(())))
 }
 
 /// Folds the other direction's result of the same test into `row`: a failure wins, then a
@@ -366,6 +373,23 @@ mod tests {
         );
         assert_eq!(select("test --skip 2 --pick 2"), [Skip(2), Pick(2)]);
         assert_eq!(select("test --kernel-6.12"), []);
+    }
+
+    #[test]
+    fn deselected_tests_are_not_judged_and_a_pairing_judges_failures_only() {
+        let result =
+            |id, status| TestResult { id, name: "t", status, notes: Vec::new(), seconds: 0.0 };
+        let results = [
+            result(0, Status::Skip(runner::DESELECTED.into())),
+            result(1, Status::Skip("the peer skipped it".into())),
+            result(2, Status::Fail("recv".into())),
+        ];
+        let expect = Expectations::parse("").expect("empty: every test must pass");
+        assert_eq!(
+            unexpected(&expect, &results, false),
+            ["1 t: SKIP (expected PASS)", "2 t: FAIL (expected PASS)"]
+        );
+        assert_eq!(unexpected(&expect, &results, true), ["2 t: FAIL"]);
     }
 
     #[test]

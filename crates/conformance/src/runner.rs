@@ -17,6 +17,9 @@ use crate::peer::{Cid, Peer};
 /// steps is bounded by [`TIMEOUT`] already; 100 connections under emulation take a while.
 pub const HALF_LIMIT: Duration = Duration::from_secs(180);
 
+/// The reason given for a test `--skip` or `--pick` left out.
+pub const DESELECTED: &str = "skipped by --skip/--pick";
+
 /// The reason a side gives for a test the other side skipped.
 const PEER_SKIPPED: &str = "the peer skipped it";
 
@@ -120,7 +123,7 @@ pub fn run_side(peer: Arc<dyn Peer>, control: Control, side: &Side) -> Result<Si
         };
         let half = case.half(side.mode);
         let local = if skipped[id] {
-            Some("skipped by --skip/--pick".to_owned())
+            Some(DESELECTED.to_owned())
         } else {
             half.needs
                 .iter()
