@@ -282,8 +282,12 @@ impl Inner {
     /// Copies a lease out (without the engine lock), then consumes it unless peeking.
     fn finish_recv(&self, lease: RecvLease, buf: &mut [u8], peek: bool) -> RecvMeta {
         let len = lease.copy_to(buf);
-        let message_len = lease.message_len();
-        let meta = RecvMeta { len, message_len, eor: lease.eor(), truncated: message_len > len };
+        let meta = RecvMeta {
+            len,
+            message_len: lease.message_len(),
+            eor: lease.eor(),
+            truncated: lease.truncated(),
+        };
         if !peek {
             self.shared.with(|engine, _| engine.commit_recv(self.id, lease));
         }
