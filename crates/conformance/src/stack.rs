@@ -54,19 +54,20 @@ impl Peer for StackPeer {
         addr: Addr,
         bind_port: Option<Port>,
     ) -> io::Result<Box<dyn Conn>> {
-        let bind = |socket_addr: &dyn Fn(Addr) -> io::Result<Addr>| match bind_port {
-            Some(port) => socket_addr(Addr::new(Cid::ANY, port)).map(drop),
-            None => Ok(()),
-        };
+        let local = bind_port.map(|port| Addr::new(Cid::ANY, port));
         let conn = match ty {
             SockType::Stream => {
                 let socket = VsockSocket::<Stream>::new(&self.vsock)?;
-                bind(&|a| socket.bind(a))?;
+                if let Some(local) = local {
+                    socket.bind(local)?;
+                }
                 Kind::Stream(socket.connect(addr)?)
             }
             SockType::Seqpacket => {
                 let socket = VsockSocket::<Seqpacket>::new(&self.vsock)?;
-                bind(&|a| socket.bind(a))?;
+                if let Some(local) = local {
+                    socket.bind(local)?;
+                }
                 Kind::Seqpacket(socket.connect(addr)?)
             }
         };
