@@ -70,7 +70,8 @@ enum Cmd {
     /// client/C server on a guest's vsock_loopback, and our device host half against the C
     /// client in a guest.
     Conformance {
-        /// Run only these pairings (repeatable; default all).
+        /// Run only these pairings (repeatable; default: all but device-host-client, whose
+        /// test 21 loses the race the C tool leaves open too often for CI).
         #[arg(long, value_enum)]
         only: Vec<conformance::Pairing>,
     },
