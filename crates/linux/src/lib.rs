@@ -56,11 +56,13 @@
 
 mod socket;
 mod sys;
+mod tcp;
 mod types;
 mod uring;
 mod zerocopy;
 
 pub use socket::DEFAULT_LINGER;
+pub use tcp::TcpZerocopyStream;
 pub use types::{
     Kind, Seqpacket, Stream, VsockListener, VsockSeqpacket, VsockSeqpacketListener, VsockSocket,
     VsockStream,

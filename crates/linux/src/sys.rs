@@ -244,7 +244,16 @@ fn parse_completion(msg: &libc::msghdr) -> io::Result<Completion> {
     }
     // SAFETY: non-null CMSG_FIRSTHDR points inside the control buffer the kernel filled.
     let header = unsafe { &*cmsg };
-    if header.cmsg_level != SOL_VSOCK || header.cmsg_type != VSOCK_RECVERR {
+    // vsock queues its notifications as SOL_VSOCK/VSOCK_RECVERR; TCP (the baseline
+    // `TcpZerocopyStream`) as IP_RECVERR or IPV6_RECVERR by address family. The payload is the
+    // same sock_extended_err.
+    let known = matches!(
+        (header.cmsg_level, header.cmsg_type),
+        (SOL_VSOCK, VSOCK_RECVERR)
+            | (libc::SOL_IP, libc::IP_RECVERR)
+            | (libc::SOL_IPV6, libc::IPV6_RECVERR)
+    );
+    if !known {
         return Err(invalid(&format!(
             "unexpected cmsg level {} type {}",
             header.cmsg_level, header.cmsg_type
