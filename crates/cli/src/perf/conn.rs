@@ -1,0 +1,178 @@
+//! One end of a connection as perf drives it, whatever carries it: the userspace stack
+//! (loopback, the device's host side, the userspace guest), kernel AF_VSOCK, an AF_UNIX stream
+//! (a socketpair, or a vhost-user-vsock device's hybrid endpoint), TCP.
+
+use std::io::{self, Read, Write};
+use std::net::Shutdown;
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use bytes::Bytes;
+use zerovsock::{Completion, Interest, Readiness};
+
+/// Completions read after a wait.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Reaped {
+    /// Completion ids (zerocopy passes) covered.
+    pub ids: u64,
+    /// Of those, the ids whose completion carried COPIED.
+    pub copied: u64,
+}
+
+fn unsupported(what: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::Unsupported, what.to_string())
+}
+
+/// A connected stream end.
+pub trait Conn: Send {
+    /// One `send()`: returns the bytes taken (a stream may take fewer).
+    fn send(&mut self, buf: &[u8]) -> io::Result<usize>;
+    /// One `read()`.
+    fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize>;
+    /// `shutdown(SHUT_WR)`: the receiver sees end of file.
+    fn close_write(&mut self) -> io::Result<()>;
+    /// SO_ZEROCOPY.
+    fn enable_zerocopy(&mut self) -> io::Result<()> {
+        Err(unsupported("this connection has no MSG_ZEROCOPY"))
+    }
+    /// One MSG_ZEROCOPY send of `buf`, lent until its completion; returns the bytes taken
+    /// and the completion ids the send took.
+    fn send_zerocopy(&mut self, _buf: Bytes) -> io::Result<(usize, u32)> {
+        Err(unsupported("this connection has no MSG_ZEROCOPY"))
+    }
+    /// Waits up to `timeout` for completions (POLLERR) and reads every queued one.
+    fn reap(&mut self, _timeout: Duration) -> io::Result<Reaped> {
+        Err(unsupported("this connection has no MSG_ZEROCOPY"))
+    }
+    /// One io_uring SEND_ZC of `buf`, waited for to its notification; returns the bytes sent
+    /// and whether the kernel copied.
+    fn send_uring_zc(&mut self, _buf: Bytes) -> io::Result<(usize, bool)> {
+        Err(unsupported("io_uring SEND_ZC needs a kernel socket"))
+    }
+}
+
+/// Waits up to `timeout` for POLLERR, then reads every queued completion.
+fn reap_queue(
+    timeout: Duration,
+    poll: impl FnOnce(Duration) -> io::Result<Readiness>,
+    mut next: impl FnMut() -> io::Result<Completion>,
+) -> io::Result<Reaped> {
+    let mut reaped = Reaped::default();
+    if !poll(timeout)?.error {
+        return Ok(reaped);
+    }
+    loop {
+        match next() {
+            Ok(done) => {
+                reaped.ids += done.count();
+                if done.copied {
+                    reaped.copied += done.count();
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(reaped),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The zerocopy methods of a type with the zerovsock socket shape, reached through `$s`.
+macro_rules! zerocopy_methods {
+    ($this:ident => $s:expr) => {
+        fn enable_zerocopy(&mut self) -> io::Result<()> {
+            let $this = self;
+            let socket = &$s;
+            socket.set_zerocopy(true)
+        }
+
+        fn send_zerocopy(&mut self, buf: Bytes) -> io::Result<(usize, u32)> {
+            let $this = self;
+            // Through a shared reference, so the socket's own method is called, not this one.
+            let socket = &$s;
+            let first = socket.next_completion_id();
+            let sent = socket.send_zerocopy(buf)?;
+            Ok((sent, socket.next_completion_id().wrapping_sub(first)))
+        }
+
+        fn reap(&mut self, timeout: Duration) -> io::Result<Reaped> {
+            let $this = self;
+            let socket = &$s;
+            reap_queue(
+                timeout,
+                |t| socket.poll(Interest::NONE, Some(t)),
+                || socket.recv_completion(),
+            )
+        }
+    };
+}
+
+impl Conn for zerovsock::VsockStream {
+    fn send(&mut self, buf: &[u8]) -> io::Result<usize> {
+        (&*self).write(buf)
+    }
+    fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        (&*self).read(buf)
+    }
+    fn close_write(&mut self) -> io::Result<()> {
+        self.shutdown(Shutdown::Write)
+    }
+    zerocopy_methods!(this => *this);
+}
+
+impl Conn for zerovsock_linux::TcpZerocopyStream {
+    fn send(&mut self, buf: &[u8]) -> io::Result<usize> {
+        (&*self).write(buf)
+    }
+    fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        (&*self).read(buf)
+    }
+    fn close_write(&mut self) -> io::Result<()> {
+        self.shutdown(Shutdown::Write)
+    }
+    zerocopy_methods!(this => *this);
+}
+
+/// A kernel AF_VSOCK stream, with an io_uring for SEND_ZC made on first use.
+pub struct KernelConn {
+    pub stream: zerovsock_linux::VsockStream,
+    ring: Option<zerovsock_linux::UringZerocopy>,
+}
+
+impl KernelConn {
+    pub fn new(stream: zerovsock_linux::VsockStream) -> KernelConn {
+        KernelConn { stream, ring: None }
+    }
+}
+
+impl Conn for KernelConn {
+    fn send(&mut self, buf: &[u8]) -> io::Result<usize> {
+        (&self.stream).write(buf)
+    }
+    fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        (&self.stream).read(buf)
+    }
+    fn close_write(&mut self) -> io::Result<()> {
+        self.stream.shutdown(Shutdown::Write)
+    }
+    zerocopy_methods!(this => this.stream);
+
+    fn send_uring_zc(&mut self, buf: Bytes) -> io::Result<(usize, bool)> {
+        let ring = match &mut self.ring {
+            Some(ring) => ring,
+            None => self.ring.insert(zerovsock_linux::UringZerocopy::new()?),
+        };
+        let (report, _buf) = ring.send_zc(&self.stream, buf)?;
+        Ok((report.sent, report.copied))
+    }
+}
+
+impl Conn for UnixStream {
+    fn send(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.write(buf)
+    }
+    fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.read(buf)
+    }
+    fn close_write(&mut self) -> io::Result<()> {
+        self.shutdown(Shutdown::Write)
+    }
+}
