@@ -8,7 +8,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::ops::{Deref, DerefMut};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::thread;
@@ -52,13 +52,18 @@ pub trait Transport: Send + 'static {
 ///
 /// `generation` counts wake-ups, so a waiter can spin briefly without the lock before it
 /// sleeps; `sleepers` (changed only under the engine lock) spares the futex call when nobody
-/// sleeps; `spin_ns` is how long the next wait spins, adapted to how long waits turn out to be.
+/// sleeps; `spin_ns` is how long the next wait spins, adapted to what spinning wins (see
+/// [`Waiter::learn`]): 0 while spins have stopped catching wake-ups, and then `unspun` counts
+/// the waits since, so that every [`PROBE_EVERY`]th one tries again, for twice `slept_ns`, how
+/// long the last wait that slept took.
 #[derive(Debug)]
 pub(crate) struct Waiter {
     ready: Condvar,
     generation: AtomicU64,
     sleepers: AtomicUsize,
     spin_ns: AtomicU64,
+    unspun: AtomicU32,
+    slept_ns: AtomicU64,
     /// Tasks waiting on this socket; registered and woken under the engine lock.
     tasks: Mutex<Vec<Waker>>,
     /// Whether `tasks` may be non-empty, so that waking skips its lock in blocking-only use.
@@ -72,6 +77,8 @@ impl Default for Waiter {
             generation: AtomicU64::new(0),
             sleepers: AtomicUsize::new(0),
             spin_ns: AtomicU64::new(SPIN_MIN.as_nanos() as u64),
+            unspun: AtomicU32::new(0),
+            slept_ns: AtomicU64::new(0),
             tasks: Mutex::new(Vec::new()),
             has_tasks: AtomicBool::new(false),
         }
@@ -100,27 +107,57 @@ impl Waiter {
         self.has_tasks.store(true, Ordering::Release);
     }
 
+    /// How long the next wait spins: the learnt budget; while spinning does not pay, nothing but
+    /// a probe every [`PROBE_EVERY`]th wait, as long as would have caught the last wait that
+    /// slept (with margin), so that waits longer than [`SPIN_MIN`] are caught by spinning again
+    /// once the machine is idle, while a probe on a loaded one costs about what waits take.
     fn spin_budget(&self) -> Duration {
-        Duration::from_nanos(self.spin_ns.load(Ordering::Relaxed))
+        match self.spin_ns.load(Ordering::Relaxed) {
+            0 if self.unspun.fetch_add(1, Ordering::Relaxed) % PROBE_EVERY == PROBE_EVERY - 1 => {
+                let slept = Duration::from_nanos(self.slept_ns.load(Ordering::Relaxed));
+                (slept * 2).clamp(SPIN_MIN, SPIN_MAX)
+            }
+            ns => Duration::from_nanos(ns),
+        }
     }
 
-    /// A wait took `waited`: if spinning that long would have caught it, spin that long (with
-    /// margin) next time; if not, spin less.
-    fn learn(&self, waited: Duration) {
-        let next = if waited <= SPIN_MAX {
-            (waited * 2).clamp(SPIN_MIN, SPIN_MAX)
-        } else {
-            (self.spin_budget() / 2).max(SPIN_MIN)
+    /// A spin of `budget` ended: `Caught` after how long, when it saw the wake-up; `Missed`
+    /// when the budget ran out first; `Preempted` when the spinning thread was descheduled
+    /// (another thread wanted this core: on an oversubscribed machine, spinning only delays the
+    /// thread that would wake us). A catch sets the next budget to twice what it took; a miss
+    /// halves the budget, and below [`SPIN_MIN`] (or on preemption) stops spinning until a probe
+    /// catches again. A miss never grows the budget: all the time it took was the spin's own.
+    fn learn(&self, budget: Duration, outcome: Spun) {
+        let next = match outcome {
+            Spun::Caught(waited) => (waited * 2).clamp(SPIN_MIN, SPIN_MAX),
+            Spun::Missed if budget / 2 >= SPIN_MIN => budget / 2,
+            Spun::Missed | Spun::Preempted => Duration::ZERO,
         };
         self.spin_ns.store(next.as_nanos() as u64, Ordering::Relaxed);
     }
 }
 
+/// How a spin ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Spun {
+    /// The wake-up came after this long.
+    Caught(Duration),
+    /// The budget ran out first.
+    Missed,
+    /// The spinning thread was descheduled mid-spin: the core has other work.
+    Preempted,
+}
+
 /// Bounds of the spin before a waiter sleeps. Waking a sleeping thread costs tens to hundreds of
 /// microseconds on a VM (the idle vCPU must be woken too), while the peer thread on the other
-/// core usually answers sooner; waits that turn out long shrink the spin back to the minimum.
+/// core usually answers sooner; spins that miss shrink the budget, down to no spin at all.
 const SPIN_MIN: Duration = Duration::from_micros(20);
 const SPIN_MAX: Duration = Duration::from_micros(300);
+/// While spinning does not pay, one wait in this many still spins (a probe), to notice when it
+/// pays again: the machine is idle again, or the peer answers sooner.
+const PROBE_EVERY: u32 = 16;
+/// A gap this long between two looks at the clock in a spin means the thread was descheduled.
+const PREEMPTED: Duration = Duration::from_micros(50);
 
 pub(crate) struct Core {
     pub(crate) engine: Engine,
@@ -337,10 +374,14 @@ impl Shared {
             } else {
                 Duration::ZERO
             };
-            let woken = spin(waiter, seen, wait_for.map_or(budget, |w| w.min(budget)));
+            let limit = wait_for.map_or(budget, |w| w.min(budget));
+            let spun = spin(waiter, seen, limit);
+            // A spin the caller's deadline cut short says nothing about the next one.
+            if !budget.is_zero() && (limit == budget || spun != Spun::Missed) {
+                waiter.learn(budget, spun);
+            }
             core = self.lock();
-            if woken || waiter.generation.load(Ordering::Acquire) != seen {
-                waiter.learn(started.elapsed());
+            if waiter.generation.load(Ordering::Acquire) != seen {
                 continue;
             }
             // Timers (connect, close) fire on the clock thread; cap the wait so a deadline set
@@ -352,7 +393,7 @@ impl Shared {
             waiter.sleepers.fetch_add(1, Ordering::Relaxed);
             core = core.wait_on(&waiter.ready, wait_for);
             waiter.sleepers.fetch_sub(1, Ordering::Relaxed);
-            waiter.learn(started.elapsed());
+            waiter.slept_ns.store(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
         }
     }
 
@@ -383,18 +424,27 @@ impl Shared {
 }
 
 /// Spins up to `limit` for the waiter's generation to move past `seen`.
-fn spin(waiter: &Waiter, seen: u64, limit: Duration) -> bool {
+fn spin(waiter: &Waiter, seen: u64, limit: Duration) -> Spun {
+    if limit.is_zero() {
+        return Spun::Missed;
+    }
     let start = Instant::now();
+    let mut looked = start;
     loop {
         for _ in 0..64 {
             if waiter.generation.load(Ordering::Acquire) != seen {
-                return true;
+                return Spun::Caught(start.elapsed());
             }
             std::hint::spin_loop();
         }
-        if start.elapsed() >= limit {
-            return false;
+        let now = Instant::now();
+        if now.duration_since(looked) >= PREEMPTED {
+            return Spun::Preempted;
         }
+        if now.duration_since(start) >= limit {
+            return Spun::Missed;
+        }
+        looked = now;
     }
 }
 
@@ -425,4 +475,64 @@ fn spawn_clock(stack: &Arc<Shared>) {
     // Without the clock thread, timers still fire on every call into the stack; only
     // connections closed while the stack is otherwise idle wait longer for their final RST.
     drop(spawned);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn budget_after(outcomes: &[Spun]) -> Duration {
+        let waiter = Waiter::default();
+        for &outcome in outcomes {
+            waiter.learn(waiter.spin_budget(), outcome);
+        }
+        Duration::from_nanos(waiter.spin_ns.load(Ordering::Relaxed))
+    }
+
+    #[test]
+    fn a_caught_wake_up_sets_the_budget_to_twice_its_wait_within_the_bounds() {
+        let caught = |us| Spun::Caught(Duration::from_micros(us));
+        assert_eq!(budget_after(&[caught(40)]), Duration::from_micros(80));
+        assert_eq!(budget_after(&[caught(1)]), SPIN_MIN);
+        assert_eq!(budget_after(&[caught(1000)]), SPIN_MAX);
+    }
+
+    #[test]
+    fn a_missed_spin_halves_the_budget_and_never_grows_it() {
+        let caught = Spun::Caught(Duration::from_micros(100));
+        assert_eq!(budget_after(&[caught, Spun::Missed]), Duration::from_micros(100));
+        assert_eq!(budget_after(&[caught, Spun::Missed, Spun::Missed]), Duration::from_micros(50));
+    }
+
+    #[test]
+    fn spinning_stops_below_the_minimum_or_when_preempted() {
+        assert_eq!(budget_after(&[Spun::Missed]), Duration::ZERO);
+        assert_eq!(budget_after(&[Spun::Caught(SPIN_MAX), Spun::Preempted]), Duration::ZERO);
+    }
+
+    #[test]
+    fn once_spinning_stopped_one_wait_in_probe_every_spins_twice_the_last_sleep() {
+        let waiter = Waiter::default();
+        waiter.learn(SPIN_MIN, Spun::Missed);
+        waiter.slept_ns.store(Duration::from_micros(70).as_nanos() as u64, Ordering::Relaxed);
+        let budgets: Vec<Duration> = (0..2 * PROBE_EVERY).map(|_| waiter.spin_budget()).collect();
+        let probes: Vec<usize> = (0..budgets.len()).filter(|&i| !budgets[i].is_zero()).collect();
+        let every = PROBE_EVERY as usize;
+        assert_eq!(probes, [every - 1, 2 * every - 1]);
+        assert_eq!(budgets[every - 1], Duration::from_micros(140));
+        // A probe that catches starts spinning again.
+        waiter.learn(budgets[every - 1], Spun::Caught(Duration::from_micros(30)));
+        assert_eq!(waiter.spin_budget(), Duration::from_micros(60));
+    }
+
+    #[test]
+    fn a_spin_sees_a_wake_up_and_gives_up_after_its_limit() {
+        let waiter = Waiter::default();
+        let seen = waiter.generation.load(Ordering::Acquire);
+        assert_eq!(spin(&waiter, seen, Duration::ZERO), Spun::Missed);
+        let spun = spin(&waiter, seen, Duration::from_micros(30));
+        assert!(matches!(spun, Spun::Missed | Spun::Preempted), "{spun:?}");
+        waiter.wake(&mut Vec::new());
+        assert!(matches!(spin(&waiter, seen, SPIN_MAX), Spun::Caught(_)));
+    }
 }
