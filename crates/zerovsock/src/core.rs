@@ -86,16 +86,18 @@ impl Default for Waiter {
 }
 
 impl Waiter {
-    /// Wakes blocked threads now, and moves waiting tasks to `deferred`: a task's waker may
-    /// call back into the stack (an executor that polls inline, a task that drops a socket),
-    /// so tasks are woken only once the engine lock is released.
-    fn wake(&self, deferred: &mut Vec<Waker>) {
+    /// Wakes spinning threads now; sleeping threads and waiting tasks are left in `deferred`,
+    /// to be woken once the engine lock is released: a task's waker may call back into the
+    /// stack (an executor that polls inline, a task that drops a socket), and a thread woken
+    /// while the lock is held would run only to block on it (on a single free core the
+    /// scheduler switches to the woken thread at once, and back, and to it again).
+    fn wake(self: &Arc<Self>, deferred: &mut Deferred) {
         self.generation.fetch_add(1, Ordering::Release);
         if self.sleepers.load(Ordering::Relaxed) > 0 {
-            self.ready.notify_all();
+            deferred.sleepers.push(self.clone());
         }
         if self.has_tasks.swap(false, Ordering::AcqRel) {
-            deferred.append(&mut self.tasks.lock().unwrap_or_else(PoisonError::into_inner));
+            deferred.tasks.append(&mut self.tasks.lock().unwrap_or_else(PoisonError::into_inner));
         }
     }
 
@@ -159,13 +161,34 @@ const PROBE_EVERY: u32 = 16;
 /// A gap this long between two looks at the clock in a spin means the thread was descheduled.
 const PREEMPTED: Duration = Duration::from_micros(50);
 
+/// Wake-ups made under the engine lock, done once it is released (see [`Waiter::wake`]).
+#[derive(Default)]
+struct Deferred {
+    /// Waiters with sleeping threads. A thread sleeps on its condition variable only after
+    /// reading, under the lock, the variable's state, so a notification made after the lock
+    /// is released still reaches it.
+    sleepers: Vec<Arc<Waiter>>,
+    tasks: Vec<Waker>,
+}
+
+impl Deferred {
+    fn is_empty(&self) -> bool {
+        self.sleepers.is_empty() && self.tasks.is_empty()
+    }
+
+    fn wake(self) {
+        self.sleepers.iter().for_each(|waiter| waiter.ready.notify_all());
+        self.tasks.into_iter().for_each(Waker::wake);
+    }
+}
+
 pub(crate) struct Core {
     pub(crate) engine: Engine,
     transport: Box<dyn Transport>,
     waiters: HashMap<SocketId, Arc<Waiter>>,
     inbound: VecDeque<Packet>,
-    /// Task wakers to call once the lock is released (see [`Locked`]).
-    deferred: Vec<Waker>,
+    /// Threads and tasks to wake once the lock is released (see [`Locked`]).
+    deferred: Deferred,
 }
 
 impl Core {
@@ -225,8 +248,8 @@ pub(crate) struct Shared {
     pub(crate) spin: AtomicBool,
 }
 
-/// The engine lock. Dropping it releases the lock first, then wakes the tasks the locked
-/// steps made ready, so no waker ever runs with the engine locked.
+/// The engine lock. Dropping it releases the lock first, then wakes the threads and tasks the
+/// locked steps made ready, so no waker ever runs with the engine locked.
 pub(crate) struct Locked<'a> {
     mutex: &'a Mutex<Core>,
     guard: Option<MutexGuard<'a, Core>>,
@@ -238,7 +261,7 @@ impl<'a> Locked<'a> {
         self.guard.as_mut().expect("the engine lock is held")
     }
 
-    /// Waits on `condvar` (which releases the lock while waiting), after waking deferred tasks.
+    /// Waits on `condvar` (which releases the lock while waiting), after the deferred wake-ups.
     fn wait_on(mut self, condvar: &Condvar, timeout: Option<Duration>) -> Self {
         self.wake_deferred_unlocked();
         let guard = self.guard.take().expect("the engine lock is held");
@@ -251,14 +274,14 @@ impl<'a> Locked<'a> {
         Locked { mutex: self.mutex, guard: Some(guard) }
     }
 
-    /// Wakes deferred tasks with the lock released for the moment, then takes it again.
+    /// Does the deferred wake-ups with the lock released for the moment, then takes it again.
     fn wake_deferred_unlocked(&mut self) {
         if self.inner().deferred.is_empty() {
             return;
         }
-        let tasks = std::mem::take(&mut self.inner().deferred);
+        let deferred = std::mem::take(&mut self.inner().deferred);
         drop(self.guard.take());
-        tasks.into_iter().for_each(Waker::wake);
+        deferred.wake();
         self.guard = Some(self.mutex.lock().unwrap_or_else(PoisonError::into_inner));
     }
 }
@@ -280,9 +303,9 @@ impl DerefMut for Locked<'_> {
 impl Drop for Locked<'_> {
     fn drop(&mut self) {
         let Some(mut guard) = self.guard.take() else { return };
-        let tasks = std::mem::take(&mut guard.deferred);
+        let deferred = std::mem::take(&mut guard.deferred);
         drop(guard);
-        tasks.into_iter().for_each(Waker::wake);
+        deferred.wake();
     }
 }
 
@@ -301,7 +324,7 @@ impl Shared {
             transport,
             waiters: HashMap::new(),
             inbound: VecDeque::new(),
-            deferred: Vec::new(),
+            deferred: Deferred::default(),
         };
         let shared = Arc::new(Shared {
             core: Mutex::new(core),
@@ -527,12 +550,25 @@ mod tests {
 
     #[test]
     fn a_spin_sees_a_wake_up_and_gives_up_after_its_limit() {
-        let waiter = Waiter::default();
+        let waiter = Arc::new(Waiter::default());
         let seen = waiter.generation.load(Ordering::Acquire);
         assert_eq!(spin(&waiter, seen, Duration::ZERO), Spun::Missed);
         let spun = spin(&waiter, seen, Duration::from_micros(30));
         assert!(matches!(spun, Spun::Missed | Spun::Preempted), "{spun:?}");
-        waiter.wake(&mut Vec::new());
+        waiter.wake(&mut Deferred::default());
         assert!(matches!(spin(&waiter, seen, SPIN_MAX), Spun::Caught(_)));
+    }
+
+    #[test]
+    fn sleepers_are_notified_after_the_lock_is_released_and_only_when_there_are_any() {
+        let waiter = Arc::new(Waiter::default());
+        waiter.sleepers.store(1, Ordering::Relaxed);
+        let mut deferred = Deferred::default();
+        waiter.wake(&mut deferred);
+        assert_eq!(deferred.sleepers.len(), 1, "the notification waits for the lock's release");
+        waiter.sleepers.store(0, Ordering::Relaxed);
+        let mut nobody = Deferred::default();
+        waiter.wake(&mut nobody);
+        assert!(nobody.is_empty(), "no futex call when nobody sleeps");
     }
 }
