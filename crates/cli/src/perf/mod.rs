@@ -20,6 +20,8 @@ mod link;
 mod pattern;
 mod report;
 mod single;
+#[cfg(test)]
+mod tests;
 mod throughput;
 mod units;
 
@@ -355,14 +357,21 @@ fn both(args: &PerfArgs) -> Result<()> {
             }
         }
     }
-    let title = format!(
-        "zerovsock perf: {} transport, {} per measurement, median of {}, zerocopy in flight: {}{}",
-        format!("{transport:?}").to_lowercase(),
-        human(bytes),
-        args.runs,
-        args.inflight,
-        if args.verify { ", every byte verified" } else { "" }
-    );
+    let transport_name = format!("{transport:?}").to_lowercase();
+    let title = match args.latency {
+        true => format!(
+            "zerovsock perf: round-trip latency, {transport_name} transport{}",
+            if args.verify { ", every byte verified" } else { "" }
+        ),
+        false => format!(
+            "zerovsock perf: {transport_name} transport, {} per measurement, median of {}, \
+             zerocopy in flight: {}{}",
+            human(bytes),
+            args.runs,
+            args.inflight,
+            if args.verify { ", every byte verified" } else { "" }
+        ),
+    };
     let steps = match args.latency {
         true => sizes.len() * plan.len(),
         false => sizes.len() * (plan.len() + 1) * args.runs as usize,

@@ -25,6 +25,8 @@ use super::{check_buffer, Mode, PerfArgs, Transport};
 const DEFAULT_BYTES: u64 = 64 << 10;
 const DEFAULT_BUF_SIZE: u64 = 128 << 10;
 const DEFAULT_VSK_SIZE: u64 = 256 << 10;
+#[cfg(test)]
+pub const DEFAULTS: (u64, u64, u64) = (DEFAULT_BYTES, DEFAULT_BUF_SIZE, DEFAULT_VSK_SIZE);
 
 #[derive(Serialize)]
 struct SenderReport {
