@@ -203,7 +203,26 @@ fn sender(
     let pattern = Pattern::new(buf_size)?;
     let sent = throughput::send(&mut *conn, mode, buf_size, bytes, args.inflight, &pattern)?;
     conn.close_write().context("shutdown(SHUT_WR)")?;
+    if transport == Transport::Device {
+        wait_for_close(&mut *conn)?;
+    }
     print_sent(args, transport, mode, cid, buf_size, &sent)
+}
+
+/// Waits until the receiver closes. The device lives in this process: what it still holds for
+/// the guest (up to the guest's credit) and the shutdown reach the guest only while it runs,
+/// and a sender that exits at once leaves the guest's receiver waiting for the tail forever.
+/// vsock_perf's receiver closes once it read end of file.
+fn wait_for_close(conn: &mut dyn Conn) -> Result<()> {
+    let mut buf = [0u8; 4096];
+    loop {
+        match conn.recv(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Ok(()),
+            Err(e) => return Err(e).context("waiting for the receiver to close"),
+        }
+    }
 }
 
 fn print_sent(
