@@ -1,8 +1,11 @@
-//! The kernel's own C `vsock_test` (tools/testing/vsock), built statically for the guests from
-//! Debian's `linux-source-6.12` package, so the conformance suite can be paired with it.
+//! The kernel's own C test tools (tools/testing/vsock), built statically for the guests from
+//! Debian's `linux-source-6.12` package: `vsock_test`, so the conformance suite can be paired
+//! with it, and `vsock_perf`, so `zerovsock perf` can be.
 //!
-//! The build is cached under the lab's cache as `vsock_test-<package version>/vsock_test`, its
-//! sources beside it in `src/`, and redone only when the executable is missing (a new package version gets a new directory). What the
+//! The build is cached under the lab's cache as `vsock_test-<package version>/`, one executable
+//! per tool with the tools' sources beside them in `src/`, and redone only when an executable
+//! is missing (a new package version gets a new directory). A tool added to a cache built
+//! before it is compiled from the kept sources, without fetching the package again. What the
 //! build needs on the host (gcc, the C library's headers and static archive, xz for the source
 //! tarball) is installed with apt-get when missing.
 
@@ -19,17 +22,36 @@ pub const SOURCE_PACKAGE: &str = "linux-source-6.12";
 const TREE: &str = "linux-source-6.12";
 /// The only parts of the tree the tool needs: its sources and the tools' headers.
 pub const MEMBERS: [&str; 2] = ["tools/testing/vsock", "tools/include"];
-/// The tool's C files (`vsock_test`'s rule in tools/testing/vsock/Makefile).
-pub const SOURCES: [&str; 6] = [
-    "vsock_test.c",
-    "vsock_test_zerocopy.c",
-    "timeout.c",
-    "control.c",
-    "util.c",
-    "msg_zerocopy_common.c",
-];
+/// One of the C tools: its executable's name and its C files (its rule in
+/// tools/testing/vsock/Makefile).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tool {
+    pub name: &'static str,
+    pub sources: &'static [&'static str],
+}
 
-/// A built C `vsock_test`.
+/// The conformance tests.
+pub const VSOCK_TEST: Tool = Tool {
+    name: "vsock_test",
+    sources: &[
+        "vsock_test.c",
+        "vsock_test_zerocopy.c",
+        "timeout.c",
+        "control.c",
+        "util.c",
+        "msg_zerocopy_common.c",
+    ],
+};
+
+/// The throughput tool (no control channel; the C library's and the kernel's UAPI headers
+/// only).
+pub const VSOCK_PERF: Tool =
+    Tool { name: "vsock_perf", sources: &["vsock_perf.c", "msg_zerocopy_common.c"] };
+
+/// Every tool the lab builds.
+pub const TOOLS: [Tool; 2] = [VSOCK_TEST, VSOCK_PERF];
+
+/// A built C tool.
 #[derive(Debug, Clone)]
 pub struct CTool {
     /// The `linux-source-6.12` package version it was built from, e.g. `6.12.118-1~deb12u1`.
@@ -38,16 +60,20 @@ pub struct CTool {
     pub path: PathBuf,
 }
 
-/// Returns the kernel's `vsock_test` built from the newest `linux-source-6.12` apt knows,
-/// building it into `cache` first when it is not there yet.
-pub fn vsock_test(cache: &Path) -> Result<CTool> {
+/// Returns the kernel's `tool` built from the newest `linux-source-6.12` apt knows, building
+/// it into `cache` first when it is not there yet.
+pub fn built(cache: &Path, tool: Tool) -> Result<CTool> {
     let version = source_version()?;
     let dir = cache_dir(cache, &version);
-    let path = dir.join("vsock_test");
+    let path = dir.join(tool.name);
     if !path.exists() {
-        build(&version, &dir).with_context(|| {
-            format!("building the kernel's vsock_test from {SOURCE_PACKAGE} {version}")
-        })?;
+        let context =
+            || format!("building the kernel's {} from {SOURCE_PACKAGE} {version}", tool.name);
+        if dir.join("src").join(tool.sources[0]).exists() {
+            build_from_kept_sources(tool, &dir).with_context(context)?;
+        } else {
+            build(&version, &dir).with_context(context)?;
+        }
     }
     Ok(CTool { version, path })
 }
@@ -109,18 +135,31 @@ pub fn extract_args(tarball: &Path, into: &Path) -> Vec<String> {
     args
 }
 
-/// The `gcc` arguments that build the static tool `out`, run inside tools/testing/vsock of the
-/// tree at `tree`.
-pub fn gcc_args(tree: &Path, out: &Path) -> Vec<String> {
+/// The `gcc` arguments that build `tool` statically as `out`, run inside tools/testing/vsock
+/// of the tree at `tree` (or a copy of that directory, with `tree` `None`: without the tree's
+/// tools/include, which only `vsock_test` needs).
+pub fn gcc_args(tool: Tool, tree: Option<&Path>, out: &Path) -> Vec<String> {
     let mut args: Vec<String> =
         ["-O2", "-static", "-D_GNU_SOURCE", "-Wall", "-Wno-pointer-sign", "-I."]
             .map(str::to_owned)
             .into();
-    args.push(format!("-I{}", tree.join("tools/include").display()));
+    if let Some(tree) = tree {
+        args.push(format!("-I{}", tree.join("tools/include").display()));
+    }
     args.push("-o".to_owned());
     args.push(out.display().to_string());
-    args.extend(SOURCES.map(str::to_owned));
+    args.extend(tool.sources.iter().map(|s| (*s).to_owned()));
     args
+}
+
+/// Compiles `tool` into `dir` from `src` of `dir` (`tools/testing/vsock` as kept there).
+fn build_from_kept_sources(tool: Tool, dir: &Path) -> Result<()> {
+    ensure_build_tools()?;
+    let partial = dir.join(format!("{}.partial", tool.name));
+    run(Command::new("gcc").args(gcc_args(tool, None, &partial)).current_dir(dir.join("src")))?;
+    std::fs::rename(&partial, dir.join(tool.name))?;
+    eprintln!("lab: built {} from the kept sources", dir.join(tool.name).display());
+    Ok(())
 }
 
 fn build(version: &str, dir: &Path) -> Result<()> {
@@ -152,17 +191,23 @@ fn build(version: &str, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(&src)?;
     run(Command::new("tar").args(extract_args(&tarball, &src)))?;
     let tree = src.join(TREE);
-    let partial = dir.join("vsock_test.partial");
-    run(Command::new("gcc")
-        .args(gcc_args(&tree, &partial))
-        .current_dir(tree.join("tools/testing/vsock")))?;
-    // The tool's sources stay beside it (a few hundred KiB), to read what a test does.
+    let mut partials = Vec::new();
+    for tool in TOOLS {
+        let partial = dir.join(format!("{}.partial", tool.name));
+        run(Command::new("gcc")
+            .args(gcc_args(tool, Some(&tree), &partial))
+            .current_dir(tree.join("tools/testing/vsock")))?;
+        partials.push((tool, partial));
+    }
+    // The tools' sources stay beside them (a few hundred KiB), to read what a test does.
     let _ = std::fs::remove_dir_all(dir.join("src"));
     std::fs::rename(tree.join("tools/testing/vsock"), dir.join("src"))?;
-    std::fs::rename(&partial, dir.join("vsock_test"))?;
+    for (tool, partial) in partials {
+        std::fs::rename(&partial, dir.join(tool.name))?;
+        eprintln!("lab: built {}", dir.join(tool.name).display());
+    }
     std::fs::write(dir.join("version"), format!("{SOURCE_PACKAGE} {version}\n"))?;
     std::fs::remove_dir_all(&work)?;
-    eprintln!("lab: built {}", dir.join("vsock_test").display());
     Ok(())
 }
 
@@ -210,13 +255,24 @@ mod tests {
 
     #[test]
     fn the_build_is_static_and_names_every_source_once() {
-        let args = gcc_args(Path::new("/w/linux-source-6.12"), Path::new("/out/vsock_test"));
+        let tree = Path::new("/w/linux-source-6.12");
+        let args = gcc_args(VSOCK_TEST, Some(tree), Path::new("/out/vsock_test"));
         assert!(args.contains(&"-static".to_owned()));
         assert!(args.contains(&"-I/w/linux-source-6.12/tools/include".to_owned()));
         let out = args.iter().position(|a| a == "-o").unwrap();
         assert_eq!(args[out + 1], "/out/vsock_test");
         let sources: Vec<&String> = args.iter().filter(|a| a.ends_with(".c")).collect();
-        assert_eq!(sources.len(), SOURCES.len());
+        assert_eq!(sources.len(), VSOCK_TEST.sources.len());
         assert!(sources.iter().any(|s| *s == "vsock_test_zerocopy.c"));
+    }
+
+    #[test]
+    fn vsock_perf_is_its_makefile_rule_and_builds_without_the_tree() {
+        let args = gcc_args(VSOCK_PERF, None, Path::new("/c/vsock_perf.partial"));
+        assert!(args.contains(&"-static".to_owned()));
+        assert!(!args.iter().any(|a| a.contains("tools/include")), "{args:?}");
+        let sources: Vec<&String> = args.iter().filter(|a| a.ends_with(".c")).collect();
+        assert_eq!(sources, ["vsock_perf.c", "msg_zerocopy_common.c"]);
+        assert!(TOOLS.iter().all(|t| t.sources.contains(&"msg_zerocopy_common.c")));
     }
 }

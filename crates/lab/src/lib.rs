@@ -11,8 +11,9 @@
 //! Guests reach the host only when asked: a `vhost-user-vsock-pci` device on a backend socket,
 //! a `-netdev socket` link to another guest, or QEMU's user network ([`NetLink::User`]), on
 //! which the guest reaches the host's 127.0.0.1 at [`HOST_FROM_GUEST`] once its script ran
-//! [`USER_NET_UP`]. For pairings with the kernel's own tests, [`Lab::vsock_test`] builds the C
-//! `vsock_test` from Debian's `linux-source-6.12` (cached per package version).
+//! [`USER_NET_UP`]. For pairings with the kernel's own tools, [`Lab::vsock_test`] and
+//! [`Lab::vsock_perf`] build the C `vsock_test` and `vsock_perf` from Debian's
+//! `linux-source-6.12` (cached per package version).
 //!
 //! A guest is marked twice — `zerovsock.lab=1` on its kernel command line and the file
 //! [`GUEST_MARKER`] — and [`in_lab_guest`] checks both, for tests that must refuse to run
@@ -85,7 +86,12 @@ impl Lab {
     /// The kernel's C `vsock_test`, built statically from Debian's `linux-source-6.12` into
     /// the cache the first time (see [`CTool`]).
     pub fn vsock_test(&self) -> Result<CTool> {
-        ctool::vsock_test(&self.cache)
+        ctool::built(&self.cache, ctool::VSOCK_TEST)
+    }
+
+    /// The kernel's C `vsock_perf`, built as [`Lab::vsock_test`] is, beside it.
+    pub fn vsock_perf(&self) -> Result<CTool> {
+        ctool::built(&self.cache, ctool::VSOCK_PERF)
     }
 
     /// Boots a guest with `binaries` in `/bin`, runs `script` with `sh`, and returns its exit
