@@ -415,7 +415,7 @@ fn print_outcome(outcome: &zerovsock_lab::Outcome) {
     );
 }
 
-fn spawn_host(binary: &Path, args: Vec<String>, log: &Path) -> Result<Child> {
+pub(crate) fn spawn_host(binary: &Path, args: Vec<String>, log: &Path) -> Result<Child> {
     let out = File::create(log).with_context(|| format!("creating {}", log.display()))?;
     Command::new(binary)
         .args(args)
@@ -446,7 +446,7 @@ fn wait_for_host(host: &mut Child, socket: &Path, log: &Path, listens: bool) -> 
 }
 
 /// Waits for the child to exit, killing it after `patience`.
-fn finish(child: &mut Child, patience: Duration) -> Result<ExitStatus> {
+pub(crate) fn finish(child: &mut Child, patience: Duration) -> Result<ExitStatus> {
     let deadline = Instant::now() + patience;
     loop {
         if let Some(status) = child.try_wait()? {

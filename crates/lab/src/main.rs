@@ -12,6 +12,9 @@
 //! * `conformance [--only PAIRING]...`: the conformance suite paired with the kernel's C
 //!   `vsock_test` in guests, and on the device with the C tool in a guest (see
 //!   `conformance.rs`).
+//! * `perf [--only PIECE]...`: `zerovsock perf` paired with the kernel's C `vsock_perf` on a
+//!   guest's `vsock_loopback`, its kernel transport in a guest, and our device's host side with
+//!   a real guest, both ways (see `perf.rs`).
 
 #![forbid(unsafe_code)]
 
@@ -26,6 +29,8 @@ use zerovsock_lab::{build_static_tests, Guest, Lab, NetLink};
 mod conformance;
 mod device;
 mod device_bench;
+mod perf;
+mod perf_lines;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -75,6 +80,14 @@ enum Cmd {
         #[arg(long, value_enum)]
         only: Vec<conformance::Pairing>,
     },
+    /// `zerovsock perf` in guests: paired with the kernel's C vsock_perf 6.12 on
+    /// vsock_loopback both ways (copy and zerocopy), its kernel transport (copy, zerocopy,
+    /// io_uring SEND_ZC, verified), and our device's host side with a real guest both ways.
+    Perf {
+        /// Run only these checks (repeatable; default: all).
+        #[arg(long, value_enum)]
+        only: Vec<perf::Piece>,
+    },
 }
 
 fn main() {
@@ -102,6 +115,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::DeviceTests => device::run(&guest),
         Cmd::DeviceBench => device_bench::run(&guest),
         Cmd::Conformance { only } => conformance::run(&guest, &only),
+        Cmd::Perf { only } => perf::run(&guest, &only),
     }
 }
 
