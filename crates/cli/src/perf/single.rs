@@ -303,7 +303,7 @@ fn receiver(
         Transport::Loopback => bail!("loopback has no other side"),
     };
     let pattern = if args.verify { Some(Pattern::new(buf_size)?) } else { None };
-    let got = throughput::receive(&mut *conn, buf_size, pattern.as_ref())?;
+    let got = throughput::receive(&mut *conn, buf_size, None, pattern.as_ref())?;
     print_received(args, transport, buf_size, vsk_size, &got)
 }
 
