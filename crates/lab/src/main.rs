@@ -15,6 +15,9 @@
 //! * `perf [--only PIECE]...`: `zerovsock perf` paired with the kernel's C `vsock_perf` on a
 //!   guest's `vsock_loopback`, its kernel transport in a guest, and our device's host side with
 //!   a real guest, both ways (see `perf.rs`).
+//! * `rfc-bench --out FILE.md --svg FILE.svg`: the MSG_ZEROCOPY RFC's three tables (guest to
+//!   host and host to guest through our device, loopback in a guest) made again with
+//!   `zerovsock perf` (see `rfc_bench.rs`; `scripts/bench-rfc`).
 
 #![forbid(unsafe_code)]
 
@@ -31,6 +34,7 @@ mod device;
 mod device_bench;
 mod perf;
 mod perf_lines;
+mod rfc_bench;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -88,6 +92,18 @@ enum Cmd {
         #[arg(long, value_enum)]
         only: Vec<perf::Piece>,
     },
+    /// The MSG_ZEROCOPY RFC's three tables (copy against zerocopy, 4K to 8M sends, time
+    /// inside send()) made again in guests with zerovsock perf: guest to host and host to
+    /// guest through our device (host side native), and the kernel's vsock_loopback beside
+    /// ours in one guest. Writes a Markdown report and an SVG chart.
+    RfcBench {
+        /// The Markdown report.
+        #[arg(long, default_value = "docs/perf-rfc.md")]
+        out: PathBuf,
+        /// The chart.
+        #[arg(long, default_value = "docs/perf-rfc.svg")]
+        svg: PathBuf,
+    },
 }
 
 fn main() {
@@ -116,6 +132,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::DeviceBench => device_bench::run(&guest),
         Cmd::Conformance { only } => conformance::run(&guest, &only),
         Cmd::Perf { only } => perf::run(&guest, &only),
+        Cmd::RfcBench { out, svg } => rfc_bench::run(&guest, &out, &svg),
     }
 }
 

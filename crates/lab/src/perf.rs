@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::ValueEnum;
-use zerovsock_lab::{build_host_binary, build_static_binary, Guest, Lab, SOURCE_PACKAGE};
+use zerovsock_lab::{build_host_binary, build_static_binary, Guest, Lab, Outcome, SOURCE_PACKAGE};
 
 use crate::conformance::{finish, spawn_host};
 use crate::perf_lines::{self, ReceiverFigures, SenderFigures};
@@ -602,7 +602,6 @@ fn on_device(
 ) -> Result<String> {
     let dir = lab.workdir()?;
     let socket = dir.join("vhost.sock");
-    let log = dir.join("host.log");
     let host_sends = transfer.sender.1 == Place::Host;
     let (host_command, guest_command) = if host_sends {
         (transfer.sender_command(&socket), transfer.receiver_command(&socket))
@@ -612,21 +611,6 @@ fn on_device(
     let host_args: Vec<String> =
         host_command.split_whitespace().skip(1).map(str::to_owned).collect();
     println!("--- host: {host_command}");
-    let mut host = spawn_host(host_binary, host_args, &log)?;
-    let started = Instant::now();
-    while !socket.exists() {
-        if let Some(status) = host.try_wait()? {
-            bail!(
-                "the host side exited ({status}) before serving the device:\n{}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            );
-        }
-        if started.elapsed() > HOST_PATIENCE {
-            let _ = host.kill();
-            bail!("the host side made no socket within {HOST_PATIENCE:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
     let script = if host_sends {
         format!(
             "timeout {SIDE_LIMIT} {guest_command} > /tmp/side 2>&1\n\
@@ -635,16 +619,10 @@ fn on_device(
     } else {
         pair_script(&transfer.id, "true", &guest_command)
     };
-    let vhost = Guest { vhost_user_vsock: Some(socket.clone()), ..guest.clone() };
-    let outcome = lab.run(binaries, &script, &vhost);
-    let host_status = finish(&mut host, HOST_PATIENCE);
-    let host_out = std::fs::read_to_string(&log).unwrap_or_default();
-    print!("{host_out}");
-    println!("--- host {}", status_text(&host_status));
-    let outcome = outcome?;
+    let run = serve_guest(lab, guest, binaries, host_binary, host_args, &dir, &script)?;
     println!("--- guest: {guest_command}");
-    print!("{}", outcome.output);
-    let host_exit = host_status.ok().and_then(|s| s.code());
+    print!("{}", run.outcome.output);
+    let (outcome, host_out, host_exit) = (run.outcome, run.host_out, run.host_exit);
     let sides = if host_sends {
         let guest_exit = outcome
             .output
@@ -671,6 +649,56 @@ fn on_device(
         .with_context(|| format!("the guest's console:\n{}", outcome.console))?;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(note(&judged))
+}
+
+/// What a host process serving a guest's device and the guest printed.
+pub(crate) struct DeviceRun {
+    pub host_out: String,
+    pub host_exit: Option<i32>,
+    pub outcome: Outcome,
+}
+
+/// Starts `host_binary host_args`, which must serve `dir/vhost.sock` (its output goes to
+/// `dir/host.log`), boots a guest with `vhost-user-vsock-pci` on that socket to run `script`,
+/// and waits for both (the host side at most [`HOST_PATIENCE`] after the guest ended).
+pub(crate) fn serve_guest(
+    lab: &Lab,
+    guest: &Guest,
+    binaries: &[PathBuf],
+    host_binary: &Path,
+    host_args: Vec<String>,
+    dir: &Path,
+    script: &str,
+) -> Result<DeviceRun> {
+    let socket = dir.join("vhost.sock");
+    let log = dir.join("host.log");
+    let mut host = spawn_host(host_binary, host_args, &log)?;
+    let started = Instant::now();
+    while !socket.exists() {
+        if let Some(status) = host.try_wait()? {
+            bail!(
+                "the host side exited ({status}) before serving the device:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        if started.elapsed() > HOST_PATIENCE {
+            let _ = host.kill();
+            let _ = host.wait();
+            bail!("the host side made no socket within {HOST_PATIENCE:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let vhost = Guest { vhost_user_vsock: Some(socket), ..guest.clone() };
+    let outcome = lab.run(binaries, script, &vhost);
+    let host_status = finish(&mut host, HOST_PATIENCE);
+    let host_out = std::fs::read_to_string(&log).unwrap_or_default();
+    print!("{host_out}");
+    println!("--- host {}", status_text(&host_status));
+    Ok(DeviceRun {
+        host_out,
+        host_exit: host_status.ok().and_then(|s| s.code()),
+        outcome: outcome?,
+    })
 }
 
 fn status_text(status: &Result<ExitStatus>) -> String {

@@ -96,6 +96,18 @@ pub fn receiver(text: &str) -> Result<ReceiverFigures> {
     })
 }
 
+/// A size as vsock_perf's `memparse` reads it: a number, then K, M or G (powers of 1024).
+pub fn size(text: &str) -> Result<u64> {
+    let (digits, shift) = match text.chars().last() {
+        Some('K' | 'k') => (&text[..text.len() - 1], 10),
+        Some('M' | 'm') => (&text[..text.len() - 1], 20),
+        Some('G' | 'g') => (&text[..text.len() - 1], 30),
+        _ => (text, 0),
+    };
+    let n: u64 = digits.parse().with_context(|| format!("{text:?} is not a size"))?;
+    n.checked_shl(shift).filter(|v| v >> shift == n).with_context(|| format!("{text:?} overflows"))
+}
+
 /// Each line with every number replaced by `#`: what two tools must print alike.
 pub fn templates(text: &str) -> Vec<String> {
     text.lines()
@@ -175,6 +187,14 @@ mod tests {
         assert!(sender(&zero).is_err(), "a zero throughput is not a measurement");
         let garbled = C_RECEIVER.replace("257", "many");
         assert!(receiver(&garbled).is_err());
+    }
+
+    #[test]
+    fn sizes_take_vsock_perf_s_suffixes() {
+        assert_eq!(size("16M").unwrap(), 16 << 20);
+        assert_eq!(size("64K").unwrap(), 65536);
+        assert_eq!(size("4096").unwrap(), 4096);
+        assert!(size("lots").is_err());
     }
 
     #[test]
