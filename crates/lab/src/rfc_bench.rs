@@ -351,7 +351,12 @@ fn machine_notes(lab: &Lab) -> Result<String> {
     let qemu = first_line("qemu-system-x86_64", &["--version"]);
     let root = workspace_root()?;
     let root = root.display().to_string();
-    let commit = first_line("git", &["-C", &root, "rev-parse", "--short", "HEAD"]);
+    let mut commit = first_line("git", &["-C", &root, "rev-parse", "--short", "HEAD"]);
+    let changed =
+        first_line("git", &["-C", &root, "status", "--porcelain", "--untracked-files=no"]);
+    if !changed.is_empty() {
+        commit.push_str(" with uncommitted changes (the figures are not that commit's)");
+    }
     let date = first_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]);
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let load: Vec<&str> = load.split_whitespace().take(3).collect();
