@@ -100,24 +100,6 @@ impl Drop for Inner {
 /// Largest copy-mode pass.
 const COPY_PASS: usize = 1024 * 1024;
 
-/// Largest copy made under the engine lock. A small pass is copied into its buffer and sent,
-/// and a small lease copied out and consumed, under the lock that granted it: taking the lock
-/// again costs more than such a copy (the lock's cache line and the engine's move between the
-/// sender's and the receiver's cores), while larger copies run outside it, in parallel.
-const INLINE_COPY: usize = 16 * 1024;
-
-/// What a blocking send's attempt did: granted a pass to fill outside the lock, or sent it.
-enum Pass {
-    Granted(SendGrant),
-    Sent(usize),
-}
-
-/// What a blocking receive's attempt did: lent bytes to copy outside the lock, or copied them.
-enum Received {
-    Lent(RecvLease),
-    Copied(RecvMeta),
-}
-
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -267,23 +249,12 @@ impl Inner {
         let mut sent = 0;
         loop {
             let request = Inner::request(&source, sent, zerocopy, eor);
-            let pool = self.shared.pool();
             let pass = self
                 .shared
                 .wait(&self.waiter, self.nonblocking(), deadline, |engine, _| {
-                    let Some(grant) = self.try_pass(engine, request)? else { return Ok(None) };
-                    let copy = grant.must_copy() || matches!(source, Source::Borrowed(_));
-                    if !copy || grant.len() > INLINE_COPY {
-                        return Ok(Some(Pass::Granted(grant)));
-                    }
-                    let payload = source.copy(pool, sent, grant.len());
-                    let sent = engine.finish_send(grant, payload).map_err(error::send)?;
-                    Ok(Some(Pass::Sent(sent)))
+                    self.try_pass(engine, request)
                 })
-                .and_then(|pass| match pass {
-                    Pass::Granted(grant) => self.finish_pass(grant, &source, sent),
-                    Pass::Sent(len) => Ok(len),
-                });
+                .and_then(|grant| self.finish_pass(grant, &source, sent));
             match pass {
                 Ok(len) => sent += len,
                 Err(_) if sent > 0 && stream => return Ok(sent),
@@ -308,20 +279,15 @@ impl Inner {
         }
     }
 
-    /// Copies a lease into `buf`.
-    fn copy_out(lease: &RecvLease, buf: &mut [u8]) -> RecvMeta {
+    /// Copies a lease out (without the engine lock), then consumes it unless peeking.
+    fn finish_recv(&self, lease: RecvLease, buf: &mut [u8], peek: bool) -> RecvMeta {
         let len = lease.copy_to(buf);
-        RecvMeta {
+        let meta = RecvMeta {
             len,
             message_len: lease.message_len(),
             eor: lease.eor(),
             truncated: lease.truncated(),
-        }
-    }
-
-    /// Copies a lease out (without the engine lock), then consumes it unless peeking.
-    fn finish_recv(&self, lease: RecvLease, buf: &mut [u8], peek: bool) -> RecvMeta {
-        let meta = Inner::copy_out(&lease, buf);
+        };
         if !peek {
             self.shared.with(|engine, _| engine.commit_recv(self.id, lease));
         }
@@ -342,22 +308,14 @@ impl Inner {
         let mut copied = 0;
         loop {
             let max = buf.len() - copied;
-            let dst = &mut buf[copied..];
-            let received = self.shared.wait(&self.waiter, self.nonblocking(), deadline, |e, _| {
+            let lease = self.shared.wait(&self.waiter, self.nonblocking(), deadline, |e, _| {
                 if target.is_none() {
                     target = Some(e.recv_target(self.id, max).map_err(error::recv)?);
                 }
-                let Some(lease) = self.try_recv(e, 1, max)? else { return Ok(None) };
-                if peek || lease.len() > INLINE_COPY {
-                    return Ok(Some(Received::Lent(lease)));
-                }
-                let meta = Inner::copy_out(&lease, dst);
-                e.commit_recv(self.id, lease);
-                Ok(Some(Received::Copied(meta)))
+                self.try_recv(e, 1, max)
             });
-            let read = match received {
-                Ok(Received::Lent(lease)) => self.finish_recv(lease, dst, peek),
-                Ok(Received::Copied(meta)) => meta,
+            let read = match lease {
+                Ok(lease) => self.finish_recv(lease, &mut buf[copied..], peek),
                 Err(_) if copied > 0 => break,
                 Err(e) => return Err(e),
             };
