@@ -54,7 +54,7 @@ pub trait Transport: Send + 'static {
 /// sleeps; `sleepers` (changed only under the engine lock) spares the futex call when nobody
 /// sleeps; `spin_ns` is how long the next wait spins, adapted to what spinning wins (see
 /// [`Waiter::learn`]): 0 while spins have stopped catching wake-ups, and then `unspun` counts
-/// the waits since, so that every [`PROBE_EVERY`]th one tries again, for twice `slept_ns`, how
+/// the waits since, so that every `probe_every`th one tries again, for twice `slept_ns`, how
 /// long the last wait that slept took.
 #[derive(Debug)]
 pub(crate) struct Waiter {
@@ -63,6 +63,7 @@ pub(crate) struct Waiter {
     sleepers: AtomicUsize,
     spin_ns: AtomicU64,
     unspun: AtomicU32,
+    probe_every: AtomicU32,
     slept_ns: AtomicU64,
     /// Tasks waiting on this socket; registered and woken under the engine lock.
     tasks: Mutex<Vec<Waker>>,
@@ -78,6 +79,7 @@ impl Default for Waiter {
             sleepers: AtomicUsize::new(0),
             spin_ns: AtomicU64::new(SPIN_MIN.as_nanos() as u64),
             unspun: AtomicU32::new(0),
+            probe_every: AtomicU32::new(1),
             slept_ns: AtomicU64::new(0),
             tasks: Mutex::new(Vec::new()),
             has_tasks: AtomicBool::new(false),
@@ -110,12 +112,17 @@ impl Waiter {
     }
 
     /// How long the next wait spins: the learnt budget; while spinning does not pay, nothing but
-    /// a probe every [`PROBE_EVERY`]th wait, as long as would have caught the last wait that
-    /// slept (with margin), so that waits longer than [`SPIN_MIN`] are caught by spinning again
-    /// once the machine is idle, while a probe on a loaded one costs about what waits take.
+    /// a probe every `probe_every`th wait, as long as would have caught the last wait that slept
+    /// (with margin), so that waits longer than [`SPIN_MIN`] are caught by spinning again once
+    /// the machine is idle, while a probe on a loaded one costs about what waits take. The
+    /// first probe is the very next wait (a lone miss on an idle machine costs one sleep); each
+    /// probe that misses doubles the interval, up to [`PROBE_EVERY`].
     fn spin_budget(&self) -> Duration {
         match self.spin_ns.load(Ordering::Relaxed) {
-            0 if self.unspun.fetch_add(1, Ordering::Relaxed) % PROBE_EVERY == PROBE_EVERY - 1 => {
+            0 if self.unspun.fetch_add(1, Ordering::Relaxed) + 1
+                >= self.probe_every.load(Ordering::Relaxed) =>
+            {
+                self.unspun.store(0, Ordering::Relaxed);
                 let slept = Duration::from_nanos(self.slept_ns.load(Ordering::Relaxed));
                 (slept * 2).clamp(SPIN_MIN, SPIN_MAX)
             }
@@ -130,9 +137,16 @@ impl Waiter {
     /// halves the budget, and below [`SPIN_MIN`] (or on preemption) stops spinning until a probe
     /// catches again. A miss never grows the budget: all the time it took was the spin's own.
     fn learn(&self, budget: Duration, outcome: Spun) {
+        let probing = self.spin_ns.load(Ordering::Relaxed) == 0;
+        let every = match outcome {
+            Spun::Caught(_) => 1,
+            _ if probing => (self.probe_every.load(Ordering::Relaxed) * 2).min(PROBE_EVERY),
+            _ => 1,
+        };
+        self.probe_every.store(every, Ordering::Relaxed);
         let next = match outcome {
             Spun::Caught(waited) => (waited * 2).clamp(SPIN_MIN, SPIN_MAX),
-            Spun::Missed if budget / 2 >= SPIN_MIN => budget / 2,
+            Spun::Missed if !probing && budget / 2 >= SPIN_MIN => budget / 2,
             Spun::Missed | Spun::Preempted => Duration::ZERO,
         };
         self.spin_ns.store(next.as_nanos() as u64, Ordering::Relaxed);
@@ -155,8 +169,8 @@ enum Spun {
 /// core usually answers sooner; spins that miss shrink the budget, down to no spin at all.
 const SPIN_MIN: Duration = Duration::from_micros(20);
 const SPIN_MAX: Duration = Duration::from_micros(300);
-/// While spinning does not pay, one wait in this many still spins (a probe), to notice when it
-/// pays again: the machine is idle again, or the peer answers sooner.
+/// While spinning does not pay, at least one wait in this many still spins (a probe), to notice
+/// when it pays again: the machine is idle again, or the peer answers sooner.
 const PROBE_EVERY: u32 = 16;
 /// A gap this long between two looks at the clock in a spin means the thread was descheduled.
 const PREEMPTED: Duration = Duration::from_micros(50);
@@ -534,18 +548,28 @@ mod tests {
     }
 
     #[test]
-    fn once_spinning_stopped_one_wait_in_probe_every_spins_twice_the_last_sleep() {
+    fn once_spinning_stopped_probes_spin_twice_the_last_sleep_ever_more_rarely() {
         let waiter = Waiter::default();
         waiter.learn(SPIN_MIN, Spun::Missed);
         waiter.slept_ns.store(Duration::from_micros(70).as_nanos() as u64, Ordering::Relaxed);
-        let budgets: Vec<Duration> = (0..2 * PROBE_EVERY).map(|_| waiter.spin_budget()).collect();
-        let probes: Vec<usize> = (0..budgets.len()).filter(|&i| !budgets[i].is_zero()).collect();
-        let every = PROBE_EVERY as usize;
-        assert_eq!(probes, [every - 1, 2 * every - 1]);
-        assert_eq!(budgets[every - 1], Duration::from_micros(140));
-        // A probe that catches starts spinning again.
-        waiter.learn(budgets[every - 1], Spun::Caught(Duration::from_micros(30)));
+        // Each probe misses: the next wait probes, then the 2nd after it, the 4th, ... the 16th.
+        let mut probes = Vec::new();
+        for wait in 0..64 {
+            let budget = waiter.spin_budget();
+            if !budget.is_zero() {
+                assert_eq!(budget, Duration::from_micros(140));
+                probes.push(wait);
+                waiter.learn(budget, Spun::Missed);
+            }
+        }
+        assert_eq!(probes, [0, 2, 6, 14, 30, 46, 62]);
+        // A probe that catches starts spinning again, and a later stop probes at once.
+        waiter.unspun.store(PROBE_EVERY, Ordering::Relaxed);
+        let budget = waiter.spin_budget();
+        waiter.learn(budget, Spun::Caught(Duration::from_micros(30)));
         assert_eq!(waiter.spin_budget(), Duration::from_micros(60));
+        waiter.learn(Duration::from_micros(60), Spun::Preempted);
+        assert!(!waiter.spin_budget().is_zero());
     }
 
     #[test]
