@@ -4,6 +4,7 @@
 //! application-facing half (open, bind, listen, connect, send, receive, options, close).
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
 
 use rustc_hash::FxHashMap;
 use std::time::{Duration, Instant};
@@ -785,6 +786,17 @@ impl Engine {
     /// When [`Engine::handle_timeout`] should next be called.
     pub fn poll_timeout(&self) -> Option<Instant> {
         self.timers.first().map(|(deadline, _)| *deadline)
+    }
+
+    /// Sets what is called when a zerocopy payload's last piece is dropped and its completion
+    /// queued (set once; later calls are ignored). Payloads are often dropped outside the
+    /// engine, on whichever thread consumed them (a transport's, say); the completion reaches
+    /// its socket's error queue only at the next engine call, so the notifier should make one
+    /// happen soon: Linux wakes the socket from the skb's destructor (`sk_error_report`). It
+    /// runs on the dropping thread, possibly under that thread's own locks, so it must not
+    /// wait for anything, the engine least of all.
+    pub fn set_completion_notifier(&mut self, notify: impl Fn() + Send + Sync + 'static) {
+        self.sink.set_notifier(Arc::new(notify));
     }
 
     /// Moves completions reported by dropped payloads onto their sockets' error queues.

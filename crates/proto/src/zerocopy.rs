@@ -14,7 +14,7 @@
 //!   send fails with ENOMEM before any data moves.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use bytes::Bytes;
 
@@ -121,10 +121,20 @@ impl Ledger {
     }
 }
 
+/// Told that a completion was queued (see [`crate::Engine::set_completion_notifier`]).
+pub(crate) type Notifier = Arc<dyn Fn() + Send + Sync>;
+
 /// Where guards report completions; drained by the engine.
-#[derive(Debug, Default, Clone)]
+#[derive(Default, Clone)]
 pub(crate) struct CompletionSink {
     done: Arc<Mutex<Vec<(SocketId, u32, bool)>>>,
+    notifier: Arc<OnceLock<Notifier>>,
+}
+
+impl std::fmt::Debug for CompletionSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CompletionSink").field("done", &self.done).finish_non_exhaustive()
+    }
 }
 
 impl CompletionSink {
@@ -132,6 +142,14 @@ impl CompletionSink {
         // A poisoned lock only means another thread panicked while pushing; the vector
         // itself is still consistent, so keep going.
         self.done.lock().unwrap_or_else(PoisonError::into_inner).push((socket, id, copied));
+        if let Some(notify) = self.notifier.get() {
+            notify();
+        }
+    }
+
+    /// Sets the notifier, once: later calls are ignored.
+    pub(crate) fn set_notifier(&self, notifier: Notifier) {
+        let _ = self.notifier.set(notifier);
     }
 
     pub(crate) fn drain(&self) -> Vec<(SocketId, u32, bool)> {

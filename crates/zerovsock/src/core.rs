@@ -5,6 +5,7 @@
 //! timers, and wakes the sockets whose readiness changed. Copies of payload bytes happen
 //! outside the lock, so a sender and a receiver copy in parallel.
 
+use std::cell::Cell;
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::ops::{Deref, DerefMut};
@@ -225,6 +226,8 @@ impl Core {
                 self.engine.handle_packet(now, packet);
             }
         }
+        // `poll_wakeup` moves queued completions first: nothing is owed any more.
+        OWED.with(|owed| owed.set(false));
         while let Some(id) = self.engine.poll_wakeup() {
             if let Some(waiter) = self.waiters.get(&id) {
                 waiter.wake(&mut self.deferred);
@@ -255,8 +258,9 @@ impl Core {
 /// State shared by a stack handle and every socket on it.
 pub(crate) struct Shared {
     core: Mutex<Core>,
-    /// Wakes the clock thread when a timer may have moved earlier.
-    clock: Condvar,
+    /// Wakes the clock thread: a timer may have moved earlier, or a zerocopy completion was
+    /// queued outside the engine.
+    clock: Arc<Kick>,
     pool: Arc<BufferPool>,
     /// Whether blocked callers spin before they sleep ([`crate::Vsock::set_spin`]).
     pub(crate) spin: AtomicBool,
@@ -266,10 +270,29 @@ pub(crate) struct Shared {
 /// locked steps made ready, so no waker ever runs with the engine locked.
 pub(crate) struct Locked<'a> {
     mutex: &'a Mutex<Core>,
+    clock: &'a Kick,
     guard: Option<MutexGuard<'a, Core>>,
 }
 
 impl<'a> Locked<'a> {
+    fn acquired(
+        mutex: &'a Mutex<Core>,
+        clock: &'a Kick,
+        guard: MutexGuard<'a, Core>,
+    ) -> Locked<'a> {
+        HOLDING.with(|holding| holding.set(engine_key(mutex)));
+        Locked { mutex, clock, guard: Some(guard) }
+    }
+
+    /// Bookkeeping for a release of the lock (the guard is about to go): a completion queued
+    /// meanwhile on this thread, and not yet pumped, is handed to the clock thread.
+    fn releasing(&self) {
+        HOLDING.with(|holding| holding.set(0));
+        if OWED.with(|owed| owed.replace(false)) {
+            self.clock.kick();
+        }
+    }
+
     fn inner(&mut self) -> &mut MutexGuard<'a, Core> {
         // Only `wait_on` takes the guard out, and it puts it back before returning.
         self.guard.as_mut().expect("the engine lock is held")
@@ -278,6 +301,7 @@ impl<'a> Locked<'a> {
     /// Waits on `condvar` (which releases the lock while waiting), after the deferred wake-ups.
     fn wait_on(mut self, condvar: &Condvar, timeout: Option<Duration>) -> Self {
         self.wake_deferred_unlocked();
+        self.releasing();
         let guard = self.guard.take().expect("the engine lock is held");
         let guard = match timeout {
             Some(timeout) => {
@@ -285,7 +309,7 @@ impl<'a> Locked<'a> {
             }
             None => condvar.wait(guard).unwrap_or_else(PoisonError::into_inner),
         };
-        Locked { mutex: self.mutex, guard: Some(guard) }
+        Locked::acquired(self.mutex, self.clock, guard)
     }
 
     /// Does the deferred wake-ups with the lock released for the moment, then takes it again.
@@ -294,9 +318,12 @@ impl<'a> Locked<'a> {
             return;
         }
         let deferred = std::mem::take(&mut self.inner().deferred);
+        self.releasing();
         drop(self.guard.take());
         deferred.wake();
-        self.guard = Some(self.mutex.lock().unwrap_or_else(PoisonError::into_inner));
+        let guard = self.mutex.lock().unwrap_or_else(PoisonError::into_inner);
+        HOLDING.with(|holding| holding.set(engine_key(self.mutex)));
+        self.guard = Some(guard);
     }
 }
 
@@ -318,6 +345,7 @@ impl Drop for Locked<'_> {
     fn drop(&mut self) {
         let Some(mut guard) = self.guard.take() else { return };
         let deferred = std::mem::take(&mut guard.deferred);
+        self.releasing();
         drop(guard);
         deferred.wake();
     }
@@ -342,9 +370,23 @@ impl Shared {
         };
         let shared = Arc::new(Shared {
             core: Mutex::new(core),
-            clock: Condvar::new(),
+            clock: Arc::default(),
             pool: Arc::default(),
             spin: AtomicBool::new(true),
+        });
+        // A zerocopy payload is often dropped outside the engine, on whichever thread consumed
+        // it (a transport's): its completion then waits in the engine's sink for the next call.
+        // Linux wakes the socket from the skb's destructor (`sk_error_report`); here the clock
+        // thread is kicked to make that call. A drop inside this engine's lock needs no kick
+        // when a pump follows before the lock is let go (every step ends with one), so it is
+        // only noted, and kicked for at the release if no pump came.
+        let (clock, key) = (shared.clock.clone(), engine_key(&shared.core));
+        shared.lock().engine.set_completion_notifier(move || {
+            if HOLDING.with(Cell::get) == key {
+                OWED.with(|owed| owed.set(true));
+            } else {
+                clock.kick();
+            }
         });
         spawn_clock(&shared);
         shared
@@ -353,7 +395,7 @@ impl Shared {
     pub(crate) fn lock(&self) -> Locked<'_> {
         // The engine is left consistent between calls; a panic elsewhere does not poison it.
         let guard = self.core.lock().unwrap_or_else(PoisonError::into_inner);
-        Locked { mutex: &self.core, guard: Some(guard) }
+        Locked::acquired(&self.core, &self.clock, guard)
     }
 
     /// Runs one engine step and pumps.
@@ -373,7 +415,7 @@ impl Shared {
         let result = step(&mut core.engine, now);
         core.pump(now);
         if core.engine.poll_timeout().is_some() {
-            self.clock.notify_one();
+            self.clock.kick();
         }
         result
     }
@@ -487,6 +529,44 @@ fn spin(waiter: &Waiter, seen: u64, limit: Duration) -> Spun {
 
 /// Fires close and connect timers while nobody is calling in.
 ///
+/// Wakes the clock thread. A kick made while the thread is awake is kept, so its next wait
+/// returns at once: no kick is lost between the thread's last look at the engine and its sleep.
+#[derive(Default)]
+struct Kick {
+    kicked: Mutex<bool>,
+    ready: Condvar,
+}
+
+impl Kick {
+    fn kick(&self) {
+        *self.kicked.lock().unwrap_or_else(PoisonError::into_inner) = true;
+        self.ready.notify_one();
+    }
+
+    /// Waits up to `timeout` for a kick, and takes it.
+    fn wait(&self, timeout: Duration) {
+        let kicked = self.kicked.lock().unwrap_or_else(PoisonError::into_inner);
+        let (mut kicked, _) = self
+            .ready
+            .wait_timeout_while(kicked, timeout, |kicked| !*kicked)
+            .unwrap_or_else(PoisonError::into_inner);
+        *kicked = false;
+    }
+}
+
+thread_local! {
+    /// The engine lock this thread holds ([`engine_key`]; 0 for none).
+    static HOLDING: Cell<usize> = const { Cell::new(0) };
+    /// A completion was queued on this thread under the lock it holds, and no pump has taken
+    /// it since.
+    static OWED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// An engine lock's identity: its address (the `Shared` it lives in never moves).
+fn engine_key(mutex: &Mutex<Core>) -> usize {
+    mutex as *const Mutex<Core> as usize
+}
+
 /// The thread holds the stack only weakly while no timer is armed, so an idle stack goes away
 /// at most a second after its last handle. While timers are armed it keeps the stack alive,
 /// even with no handle left: connections closed last still get their forced RST when the close
@@ -504,7 +584,8 @@ fn spawn_clock(stack: &Arc<Shared>) {
         let timer = core.engine.poll_timeout();
         let idle = Duration::from_secs(1);
         let wait = timer.map_or(idle, |t| t.saturating_duration_since(now).min(idle));
-        drop(core.wait_on(&strong.clock, Some(wait)));
+        drop(core);
+        strong.clock.wait(wait);
         if strong.lock().engine.poll_timeout().is_some() {
             keep = Some(strong);
         }
