@@ -1,18 +1,22 @@
 //! What the sender sends and `--verify` checks: the byte at stream offset `o` is a fixed
 //! pseudo-random function of `o mod PERIOD`.
 //!
-//! `PERIOD` is prime, so it divides no message size: a lost, repeated or reordered chunk moves
-//! every later byte to an offset where the pattern differs, and the receiver catches it at the
-//! first byte. The pattern is kept `PERIOD` plus the largest message long, so the bytes of any
-//! send are one contiguous slice of it: a copy sender passes that slice and a zerocopy sender
-//! lends it (`Bytes::slice`, no copy, no fill per send), and checking a read is one comparison
-//! against the slice at the reader's offset, at memory speed.
+//! `PERIOD` is 64 times a prime, so that sends at offsets that are multiples of 64 start on a
+//! cache line (as an application's buffers do), while no power-of-two message size is a
+//! multiple of it: a lost, repeated or reordered chunk moves every later byte to an offset
+//! where the pattern differs, and the receiver catches it at the first byte. The pattern is
+//! kept `PERIOD` plus the largest message long, so the bytes of any send are one contiguous
+//! slice of it: a copy sender passes that slice and a zerocopy sender lends it (`Bytes::slice`,
+//! no copy, no fill per send), and checking a read is one comparison against the slice at the
+//! reader's offset, at memory speed.
 
 use anyhow::{bail, Result};
 use bytes::Bytes;
 
-/// The pattern repeats every this many bytes (the largest prime below 64 Ki).
-pub const PERIOD: u64 = 65521;
+/// The pattern repeats every this many bytes: 64 x 1021 (a prime).
+pub const PERIOD: u64 = 64 * 1021;
+/// The pattern's first byte sits on a page boundary.
+const ALIGN: usize = 4096;
 
 /// The bytes senders send and receivers expect.
 #[derive(Clone, Debug)]
@@ -23,7 +27,10 @@ pub struct Pattern {
 impl Pattern {
     /// A pattern for reads and sends of up to `max_len` bytes.
     pub fn new(max_len: u64) -> Result<Pattern> {
-        let mut bytes = super::units::filled(PERIOD + max_len, 0)?;
+        let len = (PERIOD + max_len) as usize;
+        let mut buf = super::units::filled(len as u64 + ALIGN as u64, 0)?;
+        let skip = buf.as_ptr().align_offset(ALIGN);
+        let bytes = &mut buf[skip..skip + len];
         // xorshift64: cheap, and no byte value or short run repeats at a small stride.
         let mut state = 0x9e37_79b9_7f4a_7c15u64;
         for byte in &mut bytes[..PERIOD as usize] {
@@ -32,10 +39,10 @@ impl Pattern {
             state ^= state << 17;
             *byte = (state >> 32) as u8;
         }
-        for at in PERIOD as usize..bytes.len() {
+        for at in PERIOD as usize..len {
             bytes[at] = bytes[at - PERIOD as usize];
         }
-        Ok(Pattern { bytes: Bytes::from(bytes) })
+        Ok(Pattern { bytes: Bytes::from(buf).slice(skip..skip + len) })
     }
 
     /// The `len` bytes that belong at stream offset `offset`, shared (no copy).

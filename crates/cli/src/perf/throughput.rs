@@ -146,7 +146,9 @@ pub fn receive(
         }
         let want = expect.map_or(buf.len(), |e| (e - got.bytes).min(size) as usize);
         let t = Instant::now();
-        let n = conn.recv(&mut buf[..want]).with_context(|| format!("read after {} bytes", got.bytes))?;
+        let n = conn
+            .recv(&mut buf[..want])
+            .with_context(|| format!("read after {} bytes", got.bytes))?;
         let now = Instant::now();
         got.in_read += now - t;
         if n == 0 {
