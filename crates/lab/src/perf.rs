@@ -505,8 +505,8 @@ fn note(judged: &Judged) -> String {
         "{} bytes each side; tx {:.3} Gbit/s (in send), rx {:.3} Gbit/s",
         judged.sent.bytes, judged.sent.tx_gbps, judged.received.rx_gbps
     );
-    if let Some((sends, copied)) = judged.sent.completions {
-        note.push_str(&format!(", {sends} zerocopy sends ({copied} COPIED)"));
+    if let Some((ids, copied)) = judged.sent.completions {
+        note.push_str(&format!(", {ids} zerocopy completion ids ({copied} COPIED)"));
     }
     if judged.received.verified {
         note.push_str(", every byte verified");

@@ -15,7 +15,8 @@ pub struct SenderFigures {
     pub tx_loop_secs: f64,
     /// `time in 'send()': X sec`.
     pub in_send_secs: f64,
-    /// `zerocopy completions: N sends, M COPIED` (`zerovsock perf` only, with --zerocopy).
+    /// `zerocopy completions: N ids, M COPIED` (`zerovsock perf` only, with --zerocopy): one id
+    /// per sendmsg pass, so a send the credit splits takes several.
     pub completions: Option<(u64, u64)>,
 }
 
@@ -68,10 +69,10 @@ fn positive(text: &str, key: &str, unit: &str) -> Result<f64> {
 pub fn sender(text: &str) -> Result<SenderFigures> {
     let completions = match value(text, "zerocopy completions:", "COPIED") {
         Ok(raw) => {
-            let (sends, copied) = raw
-                .split_once(" sends, ")
+            let (ids, copied) = raw
+                .split_once(" ids, ")
                 .with_context(|| format!("zerocopy completions: {raw:?}"))?;
-            Some((sends.trim().parse()?, copied.trim().parse()?))
+            Some((ids.trim().parse()?, copied.trim().parse()?))
         }
         Err(_) => None,
     };
@@ -165,7 +166,7 @@ mod tests {
         assert_eq!(got.tx_gbps, 0.586191);
         assert_eq!(got.in_send_secs, 0.228966);
         assert_eq!(got.completions, None, "the C tool prints no completion count");
-        let ours = format!("{C_SENDER}zerocopy completions: 256 sends, 3 COPIED\n");
+        let ours = format!("{C_SENDER}zerocopy completions: 256 ids, 3 COPIED\n");
         assert_eq!(sender(&ours).unwrap().completions, Some((256, 3)));
     }
 
@@ -207,7 +208,7 @@ mod tests {
 
     #[test]
     fn ours_may_add_lines_after_the_c_tool_s_but_not_change_them() {
-        let ours = format!("{C_SENDER}zerocopy completions: 256 sends, 0 COPIED\n")
+        let ours = format!("{C_SENDER}zerocopy completions: 256 ids, 0 COPIED\n")
             .replace("16777216", "8388608");
         same_lines(C_SENDER, &ours).unwrap();
         let renamed = C_SENDER.replace("tx performance", "TX performance");

@@ -258,7 +258,7 @@ fn print_sent(
     println!("total time in tx loop: {:.6} sec", sent.total.as_secs_f64());
     println!("time in 'send()': {:.6} sec", sent.in_send.as_secs_f64());
     if mode != Mode::Copy {
-        println!("zerocopy completions: {} sends, {} COPIED", sent.passes, sent.copied);
+        println!("zerocopy completions: {} ids, {} COPIED", sent.passes, sent.copied);
     }
     Ok(())
 }
