@@ -405,7 +405,7 @@ fn device_guest(
 }
 
 /// What a guest printed, then its boot and run times and exit status.
-fn print_outcome(outcome: &zerovsock_lab::Outcome) {
+pub(crate) fn print_outcome(outcome: &zerovsock_lab::Outcome) {
     print!("{}", outcome.output);
     println!(
         "lab: boot {:.1?}, run {:.1?}, exit {}",

@@ -332,13 +332,7 @@ fn loopback_guest(lab: &Lab, guest: &Guest, binaries: &[PathBuf], pieces: &[Piec
             return ran;
         }
     };
-    print!("{}", outcome.output);
-    println!(
-        "lab: boot {:.1?}, run {:.1?}, exit {}",
-        outcome.boot_time,
-        outcome.total_time.saturating_sub(outcome.boot_time),
-        outcome.exit
-    );
+    crate::conformance::print_outcome(&outcome);
     // One guest ran them all: each gets its share of the guest's run.
     let time = outcome.total_time.saturating_sub(outcome.boot_time) / (all.len() as u32 + 1);
     let mut ran = Vec::new();

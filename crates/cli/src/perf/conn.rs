@@ -105,31 +105,26 @@ macro_rules! zerocopy_methods {
     };
 }
 
-impl Conn for zerovsock::VsockStream {
-    fn send(&mut self, buf: &[u8]) -> io::Result<usize> {
-        (&*self).write(buf)
-    }
-    fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        (&*self).read(buf)
-    }
-    fn close_write(&mut self) -> io::Result<()> {
-        self.shutdown(Shutdown::Write)
-    }
-    zerocopy_methods!(this => *this);
+/// `Conn` for a stream type with the zerovsock socket shape (`Read`/`Write` on `&T`).
+macro_rules! stream_conn {
+    ($type:ty) => {
+        impl Conn for $type {
+            fn send(&mut self, buf: &[u8]) -> io::Result<usize> {
+                (&*self).write(buf)
+            }
+            fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+                (&*self).read(buf)
+            }
+            fn close_write(&mut self) -> io::Result<()> {
+                self.shutdown(Shutdown::Write)
+            }
+            zerocopy_methods!(this => *this);
+        }
+    };
 }
 
-impl Conn for zerovsock_linux::TcpZerocopyStream {
-    fn send(&mut self, buf: &[u8]) -> io::Result<usize> {
-        (&*self).write(buf)
-    }
-    fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        (&*self).read(buf)
-    }
-    fn close_write(&mut self) -> io::Result<()> {
-        self.shutdown(Shutdown::Write)
-    }
-    zerocopy_methods!(this => *this);
-}
+stream_conn!(zerovsock::VsockStream);
+stream_conn!(zerovsock_linux::TcpZerocopyStream);
 
 /// A kernel AF_VSOCK stream, with an io_uring for SEND_ZC made on first use.
 pub struct KernelConn {

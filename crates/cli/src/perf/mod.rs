@@ -392,22 +392,24 @@ fn both(args: &PerfArgs) -> Result<()> {
     }
     for &size in &sizes {
         let buffer = socket_buffer(args, size);
+        let transfer = |mode| throughput::Transfer {
+            mode,
+            size,
+            total: bytes,
+            inflight: args.inflight,
+            buffer,
+            rcvlowat: args.rcvlowat,
+            port: args.port,
+            pattern: &pattern,
+            verify: args.verify,
+        };
         if args.latency {
             let rounds = args.rounds.unwrap_or_else(|| latency::default_rounds(bytes, size));
             for &(i, mode) in &plan {
                 let link = &mut links[i];
                 progress.start(format!("{} {} {}", link.name(), mode.name(), human(size)));
-                let transfer = throughput::Transfer {
-                    mode,
-                    size,
-                    total: bytes,
-                    inflight: 1,
-                    buffer,
-                    rcvlowat: 1,
-                    port: args.port,
-                    pattern: &pattern,
-                    verify: args.verify,
-                };
+                // One message in flight each way, read whole: no SO_RCVLOWAT to wait on.
+                let transfer = throughput::Transfer { inflight: 1, rcvlowat: 1, ..transfer(mode) };
                 let percentiles =
                     latency::measure(link.as_mut(), &transfer, rounds).with_context(|| {
                         format!("{} {} latency at {}", link.name(), mode.name(), human(size))
@@ -430,20 +432,10 @@ fn both(args: &PerfArgs) -> Result<()> {
             for (&(i, mode), runs) in plan.iter().zip(&mut samples) {
                 let link = &mut links[i];
                 progress.start(format!("{} {} {}", link.name(), mode.name(), human(size)));
-                let transfer = throughput::Transfer {
-                    mode,
-                    size,
-                    total: bytes,
-                    inflight: args.inflight,
-                    buffer,
-                    rcvlowat: args.rcvlowat,
-                    port: args.port,
-                    pattern: &pattern,
-                    verify: args.verify,
-                };
-                let sample = throughput::measure(link.as_mut(), &transfer).with_context(|| {
-                    format!("{} {} at {}", link.name(), mode.name(), human(size))
-                })?;
+                let sample =
+                    throughput::measure(link.as_mut(), &transfer(mode)).with_context(|| {
+                        format!("{} {} at {}", link.name(), mode.name(), human(size))
+                    })?;
                 runs.push(sample);
                 progress.done();
             }
