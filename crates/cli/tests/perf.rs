@@ -43,13 +43,38 @@ fn a_verified_run_reports_every_link_and_mode_in_json_and_draws_them() {
         assert_eq!(row(size, "TCP", Some("zerocopy"))["copied_share"], 1.0, "loopback TCP copies");
     }
     assert_eq!(rows.len(), 2 * 6, "memcpy, loopback x2, AF_UNIX, TCP x2 per size");
+    // AF_UNIX is the reference: it copies, and is not "skipped" for zerocopy.
     let skipped = report["skipped"].as_array().unwrap();
-    assert_eq!(skipped.len(), 1, "AF_UNIX zerocopy: {skipped:?}");
+    assert!(skipped.is_empty(), "{skipped:?}");
     let svg = std::fs::read_to_string(&chart).expect("the chart");
     for name in ["loopback zerocopy", "AF_UNIX copy", "TCP zerocopy", "memcpy", "4 KiB", "64 KiB"] {
         assert!(svg.contains(name), "the chart names {name:?}");
     }
     let _ = std::fs::remove_file(&chart);
+}
+
+#[test]
+fn the_af_unix_reference_is_measured_whatever_the_modes() {
+    let out = zerovsock(&[
+        "perf",
+        "--sizes",
+        "64K",
+        "--bytes",
+        "2M",
+        "--runs",
+        "1",
+        "--baseline",
+        "--zerocopy",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = report["rows"].as_array().unwrap();
+    let unix = rows.iter().find(|r| r["link"] == "AF_UNIX").expect("the AF_UNIX row");
+    assert_eq!(unix["mode"], "copy");
+    let zc = rows.iter().find(|r| r["link"] == "loopback").unwrap();
+    assert_eq!(zc["mode"], "zerocopy", "--zerocopy alone: the loopback's only row");
+    assert!(zc["e2e_vs_unix"].as_f64().unwrap() > 0.0);
 }
 
 #[test]

@@ -35,10 +35,14 @@ pub trait Conn: Send {
     fn enable_zerocopy(&mut self) -> io::Result<()> {
         Err(unsupported("this connection has no MSG_ZEROCOPY"))
     }
-    /// One MSG_ZEROCOPY send of `buf`, lent until its completion; returns the bytes taken
-    /// and the completion ids the send took.
-    fn send_zerocopy(&mut self, _buf: Bytes) -> io::Result<(usize, u32)> {
+    /// One MSG_ZEROCOPY send of `buf`, lent until its completion; returns the bytes taken.
+    fn send_zerocopy(&mut self, _buf: Bytes) -> io::Result<usize> {
         Err(unsupported("this connection has no MSG_ZEROCOPY"))
+    }
+    /// The completion id the next zerocopy send pass takes (the ids a send took are the
+    /// difference across it).
+    fn next_completion_id(&self) -> u32 {
+        0
     }
     /// Waits up to `timeout` for completions (POLLERR) and reads every queued one.
     fn reap(&mut self, _timeout: Duration) -> io::Result<Reaped> {
@@ -84,13 +88,17 @@ macro_rules! zerocopy_methods {
             socket.set_zerocopy(true)
         }
 
-        fn send_zerocopy(&mut self, buf: Bytes) -> io::Result<(usize, u32)> {
+        fn send_zerocopy(&mut self, buf: Bytes) -> io::Result<usize> {
             let $this = self;
             // Through a shared reference, so the socket's own method is called, not this one.
             let socket = &$s;
-            let first = socket.next_completion_id();
-            let sent = socket.send_zerocopy(buf)?;
-            Ok((sent, socket.next_completion_id().wrapping_sub(first)))
+            socket.send_zerocopy(buf)
+        }
+
+        fn next_completion_id(&self) -> u32 {
+            let $this = self;
+            let socket = &$s;
+            socket.next_completion_id()
         }
 
         fn reap(&mut self, timeout: Duration) -> io::Result<Reaped> {

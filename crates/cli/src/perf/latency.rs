@@ -73,8 +73,9 @@ fn send_whole(
         let n = match mode {
             Mode::Copy => conn.send(&data)?,
             Mode::Zerocopy => {
-                let (n, taken) = conn.send_zerocopy(data)?;
-                ids += u64::from(taken);
+                let before = conn.next_completion_id();
+                let n = conn.send_zerocopy(data)?;
+                ids += u64::from(conn.next_completion_id().wrapping_sub(before));
                 n
             }
             Mode::UringZc => conn.send_uring_zc(data)?.0,

@@ -32,6 +32,10 @@ pub trait Link {
     fn pair(&mut self, port: u32, buffer: u64, rcvlowat: u32) -> Result<Pair>;
     /// Why `mode` cannot run on this link, if it cannot.
     fn refuses(&self, mode: Mode) -> Option<&'static str>;
+    /// Whether this is the baseline every other link's e2e is compared with (xAF_UNIX).
+    fn is_reference(&self) -> bool {
+        false
+    }
 }
 
 /// The userspace stack: both ends on zerovsock endpoints (the same one for the loopback; the
@@ -347,6 +351,10 @@ impl Link for UnixPairLink {
 
     fn refuses(&self, mode: Mode) -> Option<&'static str> {
         (mode != Mode::Copy).then_some("AF_UNIX has no MSG_ZEROCOPY")
+    }
+
+    fn is_reference(&self) -> bool {
+        true
     }
 }
 

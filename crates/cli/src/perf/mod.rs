@@ -348,7 +348,13 @@ fn both(args: &PerfArgs) -> Result<()> {
     let mut skipped = Vec::new();
     let mut plan: Vec<(usize, Mode)> = Vec::new();
     for (i, link) in links.iter().enumerate() {
-        for &mode in &modes {
+        // The AF_UNIX socketpair is the reference of the xAF_UNIX column: it copies whatever
+        // modes were asked for.
+        let link_modes = match link.is_reference() {
+            true => vec![Mode::Copy],
+            false => modes.clone(),
+        };
+        for mode in link_modes {
             match link.refuses(mode) {
                 Some(reason) => {
                     skipped.push(Skipped { link: link.name(), mode, reason: reason.into() })

@@ -46,6 +46,8 @@ pub fn send(
     }
     let mut sent = Sent::default();
     let mut outstanding = 0u64;
+    // The id the next pass takes: what a send took is how far it moved.
+    let mut next_id = conn.next_completion_id();
     let start = Instant::now();
     sent.start = Some(start);
     while sent.bytes < total {
@@ -66,8 +68,10 @@ pub fn send(
                 let t = Instant::now();
                 let result = conn.send_zerocopy(data);
                 sent.in_send += t.elapsed();
-                let (taken, ids) = result.context("send(MSG_ZEROCOPY)")?;
-                outstanding += u64::from(ids);
+                let taken = result.context("send(MSG_ZEROCOPY)")?;
+                let after = conn.next_completion_id();
+                outstanding += u64::from(after.wrapping_sub(next_id));
+                next_id = after;
                 taken
             }
             Mode::UringZc => {
