@@ -331,3 +331,26 @@ fn one_side_on_the_device_pairs_with_a_guest() {
     drop(guest);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Runs `f` on a thread; None when it has not returned within `limit`.
+fn within<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(limit).ok()
+}
+
+/// A zerocopy sender facing a receiver that fails (a flipped byte under --verify) gets its
+/// error back promptly: the failed receiver's end is dropped, which resets the sender.
+#[test]
+fn a_failing_receiver_does_not_leave_a_zerocopy_sender_blocked() {
+    let result = within(Duration::from_secs(20), || {
+        let pattern = Pattern::new(64 << 10).unwrap();
+        let mut link = CorruptingLink(link::StackLink::loopback());
+        let plan = transfer(Mode::Zerocopy, &pattern, 64 << 20);
+        measure(&mut link, &plan).map(|_| ()).map_err(|e| format!("{e:#}"))
+    });
+    let error = result.expect("measure returned within 20 s").expect_err("corruption found");
+    assert!(error.contains("receiver") && error.contains("byte 1000003"), "{error}");
+}
