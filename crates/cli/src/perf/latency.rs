@@ -129,7 +129,9 @@ pub fn measure(link: &mut dyn Link, t: &Transfer<'_>, rounds: u64) -> Result<Per
         }
         Ok(histogram)
     })();
-    let _ = client.close_write();
+    // Closing the whole end (not only its write side) also ends an echo blocked sending to a
+    // client that stopped reading.
+    drop(client);
     let echoed = echo.join().map_err(|_| anyhow!("the echo thread panicked"))?;
     let histogram = result.context("client")?;
     echoed.context("echo")?;

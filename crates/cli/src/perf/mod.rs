@@ -249,7 +249,7 @@ fn check_both(args: &PerfArgs, transport: Transport, sizes: &[u64], bytes: u64) 
             );
         }
         let buffer = socket_buffer(args, size);
-        check_buffer(buffer, args.rcvlowat)?;
+        check_buffer(buffer, args.rcvlowat, size)?;
         let need = size.saturating_mul(5 + u64::from(args.inflight)).saturating_add(buffer);
         if let Some(available) = available_memory() {
             if need > available {
@@ -266,7 +266,9 @@ fn check_both(args: &PerfArgs, transport: Transport, sizes: &[u64], bytes: u64) 
     Ok(())
 }
 
-fn check_buffer(buffer: u64, rcvlowat: u32) -> Result<()> {
+/// What a vsock socket buffer of `buffer` bytes allows, read `read` bytes at a time with
+/// SO_RCVLOWAT `rcvlowat`.
+fn check_buffer(buffer: u64, rcvlowat: u32, read: u64) -> Result<()> {
     if buffer < MIN_SOCKET_BUFFER {
         bail!(
             "--vsk-size {buffer} is below {MIN_SOCKET_BUFFER} bytes: Linux charges 576 bytes \
@@ -277,10 +279,12 @@ fn check_buffer(buffer: u64, rcvlowat: u32) -> Result<()> {
     if buffer > MAX_SOCKET_BUFFER {
         bail!("--vsk-size {buffer} exceeds {MAX_SOCKET_BUFFER}, the largest buf_alloc");
     }
-    if u64::from(rcvlowat) >= buffer {
+    // vsock_connectible_recvmsg: a read waits for min(SO_RCVLOWAT, its length) bytes, and
+    // fails with ENOMEM when that target is not below the buffer.
+    if u64::from(rcvlowat).min(read) >= buffer {
         bail!(
-            "--rcvlowat {rcvlowat} must be below the socket buffer ({buffer} bytes): Linux fails \
-             such reads with ENOMEM"
+            "--rcvlowat {rcvlowat} with reads of {read} bytes waits for the whole socket buffer \
+             ({buffer} bytes): Linux fails such reads with ENOMEM"
         );
     }
     Ok(())

@@ -1,9 +1,10 @@
 //! What the sender sends and `--verify` checks: the byte at stream offset `o` is a fixed
 //! pseudo-random function of `o mod PERIOD`.
 //!
-//! `PERIOD` is 64 times a prime, so that sends at offsets that are multiples of 64 start on a
-//! cache line (as an application's buffers do), while no power-of-two message size is a
-//! multiple of it: a lost, repeated or reordered chunk moves every later byte to an offset
+//! `PERIOD` is a prime number of pages, so that sends at offsets that are multiples of 4 KiB
+//! start on a page, as vsock_perf's do (`run_sender` sends from the start of an `mmap`ed
+//! buffer every time: a 4 KiB zerocopy send pins one page, not two), while no power-of-two
+//! message size is a multiple of it: a lost, repeated or reordered chunk moves every later byte to an offset
 //! where the pattern differs, and the receiver catches it at the first byte. The pattern is
 //! kept `PERIOD` plus the largest message long, so the bytes of any send are one contiguous
 //! slice of it: a copy sender passes that slice and a zerocopy sender lends it (`Bytes::slice`,
@@ -13,8 +14,8 @@
 use anyhow::{bail, Result};
 use bytes::Bytes;
 
-/// The pattern repeats every this many bytes: 64 x 1021 (a prime).
-pub const PERIOD: u64 = 64 * 1021;
+/// The pattern repeats every this many bytes: 31 (a prime) pages.
+pub const PERIOD: u64 = 31 * 4096;
 /// The pattern's first byte sits on a page boundary.
 const ALIGN: usize = 4096;
 

@@ -25,8 +25,6 @@ use super::{check_buffer, Mode, PerfArgs, Transport};
 const DEFAULT_BYTES: u64 = 64 << 10;
 const DEFAULT_BUF_SIZE: u64 = 128 << 10;
 const DEFAULT_VSK_SIZE: u64 = 256 << 10;
-#[cfg(test)]
-pub const DEFAULTS: (u64, u64, u64) = (DEFAULT_BYTES, DEFAULT_BUF_SIZE, DEFAULT_VSK_SIZE);
 
 #[derive(Serialize)]
 struct SenderReport {
@@ -66,7 +64,9 @@ pub fn run(args: &PerfArgs) -> Result<()> {
     check(args, transport)?;
     let buf_size = args.buf_size.unwrap_or(DEFAULT_BUF_SIZE);
     let vsk_size = args.vsk_size.unwrap_or(DEFAULT_VSK_SIZE);
-    check_buffer(vsk_size, args.rcvlowat)?;
+    if args.receiver && transport != Transport::Unix {
+        check_buffer(vsk_size, args.rcvlowat, buf_size)?;
+    }
     // The device must outlive the connection; it serves QEMU on its own thread.
     let device = match transport {
         Transport::Device => Some(serve_device(args)?),
@@ -113,6 +113,14 @@ fn check(args: &PerfArgs, transport: Transport) -> Result<()> {
     if transport == Transport::Unix && args.zerocopy && args.sender.is_some() {
         bail!("a hybrid Unix endpoint is an AF_UNIX socket, which has no MSG_ZEROCOPY");
     }
+    // vsock_perf sets these on its vsock socket; this end is an AF_UNIX one. (The receiver
+    // still prints vsock_perf's lines for them, with the defaults, so scripts read it alike.)
+    if transport == Transport::Unix && (args.vsk_size.is_some() || args.rcvlowat != 1) {
+        bail!(
+            "--vsk-size and --rcvlowat are vsock socket options, and the unix transport's end is \
+             an AF_UNIX socket"
+        );
+    }
     Ok(())
 }
 
@@ -121,12 +129,19 @@ fn serve_device(args: &PerfArgs) -> Result<Arc<Device>> {
     let socket = args.vhost_socket.clone().context("--vhost-socket")?;
     let device = Arc::new(Device::new(DeviceConfig::new(args.guest_cid))?);
     let serving = device.clone();
+    let (failed, failure) = std::sync::mpsc::channel();
     thread::Builder::new().name("perf-device".into()).spawn(move || {
+        // `serve` returns only when it cannot listen on the socket at all.
         if let Err(e) = serving.serve(&socket) {
-            eprintln!("zerovsock perf: the device stopped serving: {e}");
+            let _ = failed.send(e);
         }
     })?;
-    Ok(device)
+    // Binding the socket is the first thing `serve` does: a path that cannot be bound fails
+    // well within this, and the run stops with its error instead of waiting for a guest.
+    match failure.recv_timeout(Duration::from_millis(500)) {
+        Ok(error) => Err(error).context("serving the device"),
+        Err(_) => Ok(device),
+    }
 }
 
 /// Retries `connect` for up to `--wait` seconds.
@@ -325,7 +340,9 @@ fn print_received(
     vsk_size: u64,
     got: &Received,
 ) -> Result<()> {
-    // vsock_perf counts the final zero-byte read among its wakeups, and times the whole loop.
+    // vsock_perf's `run_receiver` counts every read among its wakeups, the final zero-byte one
+    // too when end of file ends its loop, and times the whole loop. When POLLHUP ends it
+    // instead, it counts one read fewer than this does (see `throughput::receive`).
     let wakeups = got.reads + 1;
     let rx_gbps = super::units::gbps(got.bytes, got.end - got.start);
     let in_read = got.in_read.as_secs_f64();

@@ -49,10 +49,10 @@ fn vsock_perf_flags_keep_their_names_units_and_defaults() {
     assert_eq!(args.rcvlowat, 2048);
     assert!(args.zerocopy);
 
-    // vsock_perf's defaults apply to one side of a pair...
+    // vsock_perf's defaults apply to one side of a pair (the bytes and sizes a peer sees are
+    // checked in tests/perf.rs)...
     let args = parse(&["--receiver"]).unwrap();
     assert_eq!((args.port, args.rcvlowat), (1234, 1));
-    assert_eq!(single::DEFAULTS, (64 << 10, 128 << 10, 256 << 10), "bytes, buf-size, vsk-size");
     // ...and both sides here sweep the RFC's sizes, copy and zerocopy, 256 MiB each.
     let args = parse(&[]).unwrap();
     assert_eq!(sizes(&args), RFC_SIZES);
@@ -144,7 +144,6 @@ fn verified_transfers(link: &mut dyn Link) -> Vec<(Mode, u64, u64)> {
             link.name(),
             mode.name()
         );
-        assert!(sample.e2e > Duration::ZERO);
         out.push((mode, sample.sent.passes, sample.sent.copied));
     }
     out
@@ -332,6 +331,36 @@ fn one_side_on_the_device_pairs_with_a_guest() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A sending end whose reads fail: the client of a ping-pong that gives up mid-echo.
+struct FailingReads(Box<dyn Conn>);
+
+impl Conn for FailingReads {
+    fn send(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.send(buf)
+    }
+    fn recv(&mut self, _buf: &mut [u8]) -> io::Result<usize> {
+        Err(io::Error::other("injected read failure"))
+    }
+    fn close_write(&mut self) -> io::Result<()> {
+        self.0.close_write()
+    }
+}
+
+struct FailingClientLink(link::StackLink);
+
+impl Link for FailingClientLink {
+    fn name(&self) -> String {
+        "failing client".into()
+    }
+    fn pair(&mut self, port: u32, buffer: u64, rcvlowat: u32) -> anyhow::Result<Pair> {
+        let (client, server) = self.0.pair(port, buffer, rcvlowat)?;
+        Ok((Box::new(FailingReads(client)), server))
+    }
+    fn refuses(&self, mode: Mode) -> Option<&'static str> {
+        self.0.refuses(mode)
+    }
+}
+
 /// Runs `f` on a thread; None when it has not returned within `limit`.
 fn within<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
     let (tx, rx) = std::sync::mpsc::channel();
@@ -339,6 +368,23 @@ fn within<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'st
         let _ = tx.send(f());
     });
     rx.recv_timeout(limit).ok()
+}
+
+/// A latency client that fails while the echo is still sending a message larger than the
+/// client's buffer does not leave the echo blocked in send() (seen hanging when the client only
+/// shut down its write side before joining the echo).
+#[test]
+fn a_failing_latency_client_does_not_block_the_echo_forever() {
+    let result = within(Duration::from_secs(20), || {
+        let pattern = Pattern::new(64 << 10).unwrap();
+        let mut link = FailingClientLink(link::StackLink::loopback());
+        let mut plan = transfer(Mode::Copy, &pattern, 0);
+        plan.buffer = 4096;
+        latency::measure(&mut link, &plan, 3).map(|_| ()).map_err(|e| format!("{e:#}"))
+    });
+    let error =
+        result.expect("latency::measure returned within 20 s").expect_err("the client failed");
+    assert!(error.contains("injected read failure"), "{error}");
 }
 
 /// A zerocopy sender facing a receiver that fails (a flipped byte under --verify) gets its
@@ -353,4 +399,32 @@ fn a_failing_receiver_does_not_leave_a_zerocopy_sender_blocked() {
     });
     let error = result.expect("measure returned within 20 s").expect_err("corruption found");
     assert!(error.contains("receiver") && error.contains("byte 1000003"), "{error}");
+}
+
+/// vsock_perf sends from the start of a page-aligned buffer: so do sends of whole pages here.
+#[test]
+fn zerocopy_sends_of_whole_pages_start_on_a_page_like_vsock_perfs_mmap() {
+    let pattern = Pattern::new(4096).unwrap();
+    let misaligned: Vec<u64> = (0..64u64)
+        .map(|k| k * 4096)
+        .filter(|&offset| pattern.at(offset, 4096).as_ptr() as usize % 4096 != 0)
+        .collect();
+    assert!(misaligned.is_empty(), "sends at {misaligned:?} span two pages");
+}
+
+/// vsock_perf runs `--rcvlowat 256K` with its 128K reads and 256K buffer: a read waits for
+/// min(SO_RCVLOWAT, its length), 128K, below the buffer (`vsock_connectible_recvmsg` fails only
+/// a target at the buffer size with ENOMEM). Both sides here run it too.
+#[test]
+fn rcvlowat_at_the_buffer_size_runs_when_reads_are_smaller() {
+    assert!(check_buffer(256 << 10, 256 << 10, 128 << 10).is_ok());
+    let error = check_buffer(256 << 10, 256 << 10, 256 << 10).unwrap_err().to_string();
+    assert!(error.contains("ENOMEM"), "{error}");
+    let args = ["--sizes", "128K", "--bytes", "1M", "--runs", "1", "--vsk-size", "256K"];
+    run(parse(&[&args[..], &["--rcvlowat", "256K", "--verify"]].concat()).unwrap())
+        .expect("the stack serves reads of 128K under SO_RCVLOWAT 256K");
+    let at_the_buffer =
+        ["--sizes", "256K", "--bytes", "1M", "--vsk-size", "256K", "--rcvlowat", "256K"];
+    let refused = run(parse(&at_the_buffer).unwrap());
+    assert!(format!("{:#}", refused.unwrap_err()).contains("ENOMEM"));
 }

@@ -12,7 +12,10 @@ use super::link::Link;
 use super::pattern::Pattern;
 use super::Mode;
 
-/// How long a zerocopy sender waits for a completion before it gives up.
+/// How long a zerocopy sender waits for a completion before it gives up. vsock_perf's
+/// `run_sender` polls without a bound (`poll(.., -1)`) and reads one completion per send; here
+/// a stall becomes an error that names it, and every queued completion is read at once (the
+/// same order at `--inflight 1`).
 pub const COMPLETION_WAIT: Duration = Duration::from_secs(30);
 
 /// What one sender did.
@@ -123,7 +126,11 @@ pub struct Received {
     pub end: Instant,
 }
 
-/// Reads until end of file, or until `expect` bytes when given, with reads of up to `size`,
+/// Reads until end of file, or until `expect` bytes when given, with blocking reads: unlike
+/// vsock_perf's `run_receiver`, which polls and also stops at the first POLLHUP/POLLRDHUP (after
+/// at most one read in that round, possibly with bytes still queued: it was seen losing the
+/// tail), this reads everything up to end of file. The reads are counted, and a reset from
+/// the peer is an error rather than an end. Reads take up to `size` bytes each,
 /// checking every byte against the pattern when `verify` is given. (A known length does not
 /// rely on the half-close reaching the receiver: vhost-device-vsock 0.3.0 drops the guest's
 /// SHUTDOWN and never passes a host's on.)

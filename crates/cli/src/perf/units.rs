@@ -4,19 +4,44 @@ use anyhow::{Context, Result};
 
 use zerovsock::wire::Port;
 
-/// Parses sizes the way vsock_perf's `memparse` does: a number with an optional K, M or G
-/// (powers of 1024, either case): `4096`, `4K`, `256m`, `1G`. Unlike `memparse`, junk after the
-/// number, zero and overflow are errors rather than silently 0 or wrapped.
+/// Parses sizes the way vsock_perf's `memparse` (lib/cmdline.c's) does: a number as
+/// `strtoull(.., 0)` reads it (`0x` hex, a leading `0` octal, decimal otherwise), then an
+/// optional K, M, G, T, P or E (powers of 1024, either case): `4096`, `4K`, `0x10000`, `256m`.
+/// Unlike `memparse`, which stops at the first character it cannot use and answers what it
+/// has, junk after the suffix, zero and overflow are errors rather than a silent 0 or a
+/// wrapped value.
 pub fn parse_size(text: &str) -> Result<u64, String> {
     let text = text.trim();
-    let (digits, shift) = match text.chars().last().map(|c| c.to_ascii_uppercase()) {
-        Some('K') => (&text[..text.len() - 1], 10),
-        Some('M') => (&text[..text.len() - 1], 20),
-        Some('G') => (&text[..text.len() - 1], 30),
-        _ => (text, 0),
+    let (radix, digits_from) = match text.as_bytes() {
+        [b'0', b'x' | b'X', ..] => (16, 2),
+        [b'0', _, ..] => (8, 1),
+        _ => (10, 0),
     };
-    let value: u64 = digits.parse().map_err(|_| format!("not a size: {text:?}"))?;
-    let value = value.checked_mul(1 << shift).ok_or_else(|| format!("size too large: {text}"))?;
+    let body = &text[digits_from..];
+    let digits_len = body.find(|c: char| !c.is_digit(radix)).unwrap_or(body.len());
+    let (digits, suffix) = body.split_at(digits_len);
+    let shift = match suffix.to_ascii_uppercase().as_str() {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        "P" => 50,
+        "E" => 60,
+        _ => return Err(format!("not a size: {text:?}")),
+    };
+    let value = match (digits.is_empty(), radix) {
+        // "0" alone, or "0K": the octal branch with no digits after its 0.
+        (true, 8) => 0,
+        (true, _) => return Err(format!("not a size: {text:?}")),
+        (false, _) => {
+            u64::from_str_radix(digits, radix).map_err(|_| format!("size too large: {text}"))?
+        }
+    };
+    let value = value
+        .checked_mul(1u64.checked_shl(shift).unwrap_or(0))
+        .filter(|v| shift < 64 && (value == 0 || *v >> shift == value))
+        .ok_or_else(|| format!("size too large: {text}"))?;
     if value == 0 {
         return Err("size must be positive".into());
     }
@@ -101,7 +126,17 @@ mod tests {
         assert_eq!(parse_size("4K"), Ok(4096));
         assert_eq!(parse_size("256m"), Ok(256 << 20));
         assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("1T"), Ok(1 << 40));
+        assert_eq!(parse_size("0x10000"), Ok(65536));
+        // strtoull reads "0x1E" as hex 30, not 1 exbibyte; "010" as octal 8.
+        assert_eq!(parse_size("0x1E"), Ok(30));
+        assert_eq!(parse_size("0x1k"), Ok(1024));
+        assert_eq!(parse_size("010"), Ok(8));
+        assert!(parse_size("08").is_err(), "8 is no octal digit");
         assert!(parse_size("0").is_err());
+        assert!(parse_size("0x").is_err());
+        assert!(parse_size("16E").is_err(), "past 64 bits");
+        assert!(parse_size("4KB").is_err());
         assert!(parse_size("12Q").is_err());
         assert!(parse_size("99999999999999G").is_err());
         assert_eq!(parse_size_u32("64K"), Ok(65536));
