@@ -44,8 +44,9 @@ pub trait Conn: Send {
     fn next_completion_id(&self) -> u32 {
         0
     }
-    /// Waits up to `timeout` for completions (POLLERR) and reads every queued one.
-    fn reap(&mut self, _timeout: Duration) -> io::Result<Reaped> {
+    /// Waits up to `timeout` for completions (POLLERR), then reads queued ones until they
+    /// cover `want` ids or the queue is empty.
+    fn reap(&mut self, _timeout: Duration, _want: u64) -> io::Result<Reaped> {
         Err(unsupported("this connection has no MSG_ZEROCOPY"))
     }
     /// One io_uring SEND_ZC of `buf`, waited for to its notification; returns the bytes sent
@@ -55,9 +56,11 @@ pub trait Conn: Send {
     }
 }
 
-/// Waits up to `timeout` for POLLERR, then reads every queued completion.
+/// Waits up to `timeout` for POLLERR, then reads completions until they cover `want` ids or
+/// the queue is empty (stopping at `want` spares a call that finds the queue empty).
 fn reap_queue(
     timeout: Duration,
+    want: u64,
     poll: impl FnOnce(Duration) -> io::Result<Readiness>,
     mut next: impl FnMut() -> io::Result<Completion>,
 ) -> io::Result<Reaped> {
@@ -65,7 +68,7 @@ fn reap_queue(
     if !poll(timeout)?.error {
         return Ok(reaped);
     }
-    loop {
+    while reaped.ids < want {
         match next() {
             Ok(done) => {
                 reaped.ids += done.count();
@@ -73,10 +76,11 @@ fn reap_queue(
                     reaped.copied += done.count();
                 }
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(reaped),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
             Err(e) => return Err(e),
         }
     }
+    Ok(reaped)
 }
 
 /// The zerocopy methods of a type with the zerovsock socket shape, reached through `$s`.
@@ -101,11 +105,12 @@ macro_rules! zerocopy_methods {
             socket.next_completion_id()
         }
 
-        fn reap(&mut self, timeout: Duration) -> io::Result<Reaped> {
+        fn reap(&mut self, timeout: Duration, want: u64) -> io::Result<Reaped> {
             let $this = self;
             let socket = &$s;
             reap_queue(
                 timeout,
+                want,
                 |t| socket.poll(Interest::NONE, Some(t)),
                 || socket.recv_completion(),
             )

@@ -120,7 +120,7 @@ pub fn measure(link: &mut dyn Link, t: &Transfer<'_>, rounds: u64) -> Result<Per
             histogram.record(u64::try_from(rtt.as_nanos()).unwrap_or(u64::MAX))?;
             // Completions are read between rounds, outside the timed part.
             while outstanding > 0 {
-                let reaped = client.reap(COMPLETION_WAIT)?;
+                let reaped = client.reap(COMPLETION_WAIT, outstanding)?;
                 if reaped.ids == 0 {
                     bail!("no zerocopy completion within {} s", COMPLETION_WAIT.as_secs());
                 }

@@ -65,7 +65,7 @@ pub fn send(
             }
             Mode::Zerocopy => {
                 while outstanding >= u64::from(inflight) {
-                    outstanding -= reap(conn, &mut sent)?;
+                    outstanding -= reap(conn, &mut sent, outstanding)?;
                 }
                 let data = pattern.at(sent.bytes, n);
                 let t = Instant::now();
@@ -95,15 +95,15 @@ pub fn send(
         sent.bytes += taken as u64;
     }
     while outstanding > 0 {
-        outstanding = outstanding.saturating_sub(reap(conn, &mut sent)?);
+        outstanding = outstanding.saturating_sub(reap(conn, &mut sent, outstanding)?);
     }
     sent.total = start.elapsed();
     Ok(sent)
 }
 
 /// Waits for completions and reads them; returns the ids covered.
-fn reap(conn: &mut dyn Conn, sent: &mut Sent) -> Result<u64> {
-    let reaped = conn.reap(COMPLETION_WAIT).context("reading zerocopy completions")?;
+fn reap(conn: &mut dyn Conn, sent: &mut Sent, want: u64) -> Result<u64> {
+    let reaped = conn.reap(COMPLETION_WAIT, want).context("reading zerocopy completions")?;
     if reaped.ids == 0 {
         bail!("no zerocopy completion within {} s", COMPLETION_WAIT.as_secs());
     }
