@@ -448,9 +448,15 @@ fn loopback_table(rows: &[LoopbackRow]) -> String {
 const NOTES: &str = "## Reading the tables\n\n\
 - Host to guest, zerocopy send: on the device's native socket a zerocopy send hands the \
 buffer over by reference, and the device copies it into the guest's RX buffers later, outside \
-send(); no pages are pinned as the kernel does. The send figure therefore counts the socket's \
-bookkeeping only, and grows with the send size; the rx column is what reached the guest, \
+send(); no pages are pinned as the kernel does. A send that finds the guest's credit short of \
+its size is copied instead (COPIED), at the cost of a copy inside send(). The send figure \
+otherwise counts the socket's bookkeeping only; the rx column is what reached the guest, \
 bounded by the emulated guest.\n\
+- Host to guest, COPIED: the device completes a zerocopy send once its bytes are in the \
+guest's RX buffers, as vhost does, before the guest's application has read them, so the \
+sender moves on at once and its next send may find less credit than it needs, which the \
+slow emulated reader returns late. The RFC gave its receiver a far larger buffer \
+(`--vsk-size`); this bench gives four sends' worth.\n\
 - Zerocopy rx below copy rx at small sizes: one zerocopy send is in flight at a time (as \
 vsock_perf does), and each waits for its completion, a round trip through the emulated guest \
 per send.\n\
