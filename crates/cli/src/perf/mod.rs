@@ -104,10 +104,12 @@ pub struct PerfArgs {
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=10_000_000), requires = "latency")]
     rounds: Option<u64>,
     /// Zerocopy sends kept in flight before waiting for a completion (vsock_perf: 1).
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64),
+          conflicts_with = "latency")]
     inflight: u32,
     /// Repetitions per measurement, interleaved; the median is reported.
-    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100))]
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100),
+          conflicts_with = "latency")]
     runs: u32,
     /// Check every received byte against the sender's pattern.
     #[arg(long)]
@@ -216,6 +218,9 @@ fn default_buffer(size: u64, inflight: u32) -> u64 {
 fn check_both(args: &PerfArgs, transport: Transport, sizes: &[u64], bytes: u64) -> Result<()> {
     if args.uring && transport != Transport::Kernel {
         bail!("--uring sends through io_uring on kernel sockets: it needs --transport kernel");
+    }
+    if args.wait != 0 || args.guest_cid != link::GUEST_CID {
+        bail!("--wait and --guest-cid apply to one side of a pair (--sender/--receiver)");
     }
     if !args.direction.is_empty() && !matches!(transport, Transport::Device | Transport::Unix) {
         bail!("--direction applies to the device and unix transports");

@@ -77,6 +77,8 @@ fn flags_that_cannot_go_together_are_refused_by_clap() {
         &["--port", "4294967295"],
         &["--bytes", "12Q"],
         &["--transport", "carrier-pigeon"],
+        &["--latency", "--inflight", "4"],
+        &["--latency", "--runs", "3"],
     ] {
         assert!(parse(bad).is_err(), "{bad:?} should be refused");
     }
@@ -85,7 +87,9 @@ fn flags_that_cannot_go_together_are_refused_by_clap() {
 /// What `run` refuses, in one line each, before any socket is opened.
 #[test]
 fn what_cannot_run_here_is_refused_up_front_in_one_line() {
-    let cases: [(&[&str], &str); 12] = [
+    let cases: [(&[&str], &str); 14] = [
+        (&["--wait", "5"], "one side of a pair"),
+        (&["--guest-cid", "7"], "one side of a pair"),
         (&["--sender", "1", "--transport", "loopback"], "inside one process"),
         (&["--receiver", "--transport", "kernel"], "not a guest booted by the project's VM lab"),
         (&["--sender", "2"], "not a guest booted"),
