@@ -307,10 +307,15 @@ pub fn hybrid_listen_path(uds: &Path, port: u32) -> PathBuf {
 /// then `OK <host port>`. Retried for up to `wait` while the backend or the guest's listener
 /// is not there yet.
 pub fn hybrid_connect(uds: &Path, port: u32, wait: Duration) -> Result<UnixStream> {
+    retrying(wait, || hybrid_connect_once(uds, port))
+}
+
+/// Retries `connect` every 100 ms for up to `wait`; the last error when it never succeeds.
+pub fn retrying<T>(wait: Duration, mut connect: impl FnMut() -> Result<T>) -> Result<T> {
     let deadline = Instant::now() + wait;
     loop {
-        match hybrid_connect_once(uds, port) {
-            Ok(stream) => return Ok(stream),
+        match connect() {
+            Ok(conn) => return Ok(conn),
             Err(error) if Instant::now() >= deadline => return Err(error),
             Err(_) => thread::sleep(Duration::from_millis(100)),
         }

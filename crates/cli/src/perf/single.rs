@@ -6,7 +6,7 @@ use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::sync::Arc;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
@@ -15,7 +15,7 @@ use zerovsock::VsockSocket;
 use zerovsock_vhost::{Device, DeviceConfig};
 
 use super::conn::{Conn, KernelConn};
-use super::link::{ensure_lab_guest, hybrid_connect, hybrid_listen_path};
+use super::link::{ensure_lab_guest, hybrid_connect, hybrid_listen_path, retrying};
 use super::pattern::Pattern;
 use super::throughput::{self, Received, Sent};
 use super::units::human;
@@ -144,18 +144,6 @@ fn serve_device(args: &PerfArgs) -> Result<Arc<Device>> {
     }
 }
 
-/// Retries `connect` for up to `--wait` seconds.
-fn retrying<T>(wait: u64, mut connect: impl FnMut() -> Result<T>) -> Result<T> {
-    let deadline = Instant::now() + Duration::from_secs(wait);
-    loop {
-        match connect() {
-            Ok(conn) => return Ok(conn),
-            Err(error) if Instant::now() >= deadline => return Err(error),
-            Err(_) => thread::sleep(Duration::from_millis(100)),
-        }
-    }
-}
-
 fn sender(
     args: &PerfArgs,
     transport: Transport,
@@ -184,7 +172,7 @@ fn sender(
         || format!("connecting to {cid}:{} over the {transport:?} transport", args.port);
     let mut conn: Box<dyn Conn> = match transport {
         Transport::Kernel => Box::new(KernelConn::new(
-            retrying(args.wait, || {
+            retrying(Duration::from_secs(args.wait), || {
                 let socket = zerovsock_linux::VsockSocket::stream()?;
                 if let Some(size) = args.vsk_size {
                     socket.set_buffer_size_unclamped(size)?;
@@ -199,7 +187,7 @@ fn sender(
                 bail!("--sender {cid}: the device's guest is CID {} (--guest-cid)", args.guest_cid);
             }
             Box::new(
-                retrying(args.wait, || {
+                retrying(Duration::from_secs(args.wait), || {
                     let socket = VsockSocket::stream(device.vsock())?;
                     if let Some(size) = args.vsk_size {
                         socket.set_buffer_size_unclamped(size)?;
